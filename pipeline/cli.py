@@ -1,0 +1,195 @@
+"""The `tapir` command line."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from pipeline import store
+from pipeline.config import ConfigError, PoolConfig, RunConfig, bundled_config_path, load_config, show
+from pipeline.llm.client import ChatClient, EndpointError
+from pipeline.llm.endpoint import open_endpoint
+from pipeline.llm.local_server import TeacherServerError
+from pipeline.llm.secret import MissingSecretError
+from pipeline.models import ModelError, bundled_encoder_dir, prepare_bundled_student
+from pipeline.pool import MANIFEST, PoolImportError, import_pool, read_pool
+
+log = logging.getLogger("tapir")
+
+# Errors a user can act on: printed as one message, exit status 2, no traceback.
+_USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError)
+
+
+def _config(path: Optional[str]) -> RunConfig:
+    return load_config(path or bundled_config_path())
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    load_config(args.file)
+    print(f"{args.file}: valid")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(show(load_config(args.file)), end="")
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    started = time.perf_counter()
+    student = prepare_bundled_student(config.storage.cache_dir, verify=args.verify)
+    print(f"student  {student}  ({time.perf_counter() - started:.1f} s)")
+    print(f"encoder  {bundled_encoder_dir()}")
+    return 0
+
+
+def cmd_pool_import(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    overrides = {name: value for name, value in (
+        ("format", args.format), ("id_column", args.id_column), ("rows_per_shard", args.rows_per_shard),
+        ("max_row_chars", args.max_row_chars)) if value is not None}
+    pool = PoolConfig.model_validate({**config.pool.model_dump(), **overrides})
+    out = store.locate(args.out, config.storage.s3_endpoint_url)
+    summary = import_pool(args.sources, out, pool, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    print(summary.text())
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve_teacher(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    teacher = config.teacher
+    if teacher.kind != "local":
+        raise ConfigError(str(args.config or bundled_config_path()), ["teacher.kind is 'remote': there is no local teacher to serve"])
+    if args.port is not None:
+        local = teacher.local.model_copy(update={"port": args.port})
+        teacher = teacher.model_copy(update={"local": local})
+    # SIGTERM (kill, a supervisor) stops the server as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    with open_endpoint(teacher, config.storage.cache_dir) as endpoint:
+        print(f"base_url  {endpoint.base_url}\nmodel     {endpoint.model}")
+        if args.print_key:
+            print(f"api_key   {endpoint.api_key.reveal()}")
+        else:
+            print(f"api_key   ${teacher.api_key_env} if it was set, else a random one (--print-key shows it)")
+        print("serving; Ctrl-C stops", flush=True)
+        try:
+            while True:
+                endpoint.server.check_alive()
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            print("stopping", flush=True)
+    return 0
+
+
+async def _one_completion(endpoint, instruction: str, timeout_s: float, max_tokens: int):
+    async with ChatClient(endpoint.base_url, endpoint.model, endpoint.api_key, timeout_s) as client:
+        return await client.complete([{"role": "user", "content": instruction}], max_tokens=max_tokens)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """The current end-to-end path: models, the pool, the teacher, one chat completion."""
+    config = _config(args.config)
+    timings = {}
+    started = time.perf_counter()
+    prepare_bundled_student(config.storage.cache_dir)
+    timings["models"] = time.perf_counter() - started
+
+    run_dir = store.locate(config.storage.run_dir, config.storage.s3_endpoint_url)
+    pool_dir = run_dir.child("pool")
+    started = time.perf_counter()
+    if pool_dir.child(MANIFEST).exists():
+        print(f"pool     reusing {pool_dir.uri}")
+    else:
+        print(f"pool     {import_pool([config.pool.source], pool_dir, config.pool, progress=False).text()}")
+    pool = read_pool(pool_dir)
+    timings["pool"] = time.perf_counter() - started
+    instruction = pool.column("instruction")[0].as_py()
+
+    started = time.perf_counter()
+    log_path = Path(run_dir.path) / "logs" / "teacher.log" if run_dir.is_local else None
+    with open_endpoint(config.teacher, config.storage.cache_dir, log_path=log_path) as endpoint:
+        timings["teacher start"] = time.perf_counter() - started
+        print(f"teacher  {endpoint.base_url} ({endpoint.model})")
+        started = time.perf_counter()
+        result = asyncio.run(_one_completion(endpoint, instruction, config.teacher.timeout_s,
+                                             config.student.sampling.max_tokens))
+        timings["completion"] = time.perf_counter() - started
+        started = time.perf_counter()
+    timings["teacher stop"] = time.perf_counter() - started
+    print(f"\n> {instruction}\n\n{result.content.strip()}\n")
+    print(f"rows in pool: {pool.num_rows}; tokens: {result.prompt_tokens} prompt + {result.completion_tokens} "
+          f"completion; finish: {result.finish_reason}")
+    print("time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tapir", description="TAPIR curriculum distillation on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    config_cmd = commands.add_parser("config", help="check or print a run config").add_subparsers(
+        dest="action", required=True)
+    validate = config_cmd.add_parser("validate", help="report every error of a config file")
+    validate.add_argument("file")
+    validate.set_defaults(run=cmd_config_validate)
+    show_cmd = config_cmd.add_parser("show", help="print the resolved config, secrets redacted")
+    show_cmd.add_argument("file")
+    show_cmd.set_defaults(run=cmd_config_show)
+
+    models = commands.add_parser("models", help="bundled models").add_subparsers(dest="action", required=True)
+    prepare = models.add_parser("prepare", help="prepare the bundled student and locate the encoder")
+    prepare.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+    prepare.add_argument("--verify", action="store_true", help="re-hash a prepared model's files")
+    prepare.set_defaults(run=cmd_models_prepare)
+
+    pool = commands.add_parser("pool", help="instruction pools").add_subparsers(dest="action", required=True)
+    importer = pool.add_parser("import", help="import instructions into Parquet shards")
+    importer.add_argument("sources", nargs="+", help="files or directories ('bundled:sample' for the shipped pool)")
+    importer.add_argument("--out", required=True, help="output directory (local path or s3://…)")
+    importer.add_argument("--config", help="run config whose pool section gives the defaults")
+    importer.add_argument("--format", choices=["auto", "alpaca", "chat", "selfinstruct", "parquet", "hf"])
+    importer.add_argument("--id-column")
+    importer.add_argument("--rows-per-shard", type=int)
+    importer.add_argument("--max-row-chars", type=int)
+    importer.add_argument("--overwrite", action="store_true", help="replace a previous import in --out")
+    importer.set_defaults(run=cmd_pool_import)
+
+    serve = commands.add_parser("serve-teacher", help="serve the local teacher with vLLM until Ctrl-C")
+    serve.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+    serve.add_argument("--port", type=int, help="port (default: teacher.local.port; 0 picks a free one)")
+    serve.add_argument("--print-key", action="store_true", help="print the API key clients must send")
+    serve.set_defaults(run=cmd_serve_teacher)
+
+    check = commands.add_parser("check", help="models, pool, local teacher and one chat completion, end to end")
+    check.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+    check.set_defaults(run=cmd_check)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except _USER_ERRORS as err:
+        print(f"tapir: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tapir: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

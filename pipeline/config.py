@@ -1,0 +1,347 @@
+"""The typed configuration of a whole run, loaded from YAML.
+
+Every default of the project lives in this file and nowhere else. Sections are passed down to the
+parts that use them; no module reads configuration from globals or the environment on its own, except
+the API key, whose *name* is configured here and whose value is read only where a request is sent.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUNDLED_STUDENT = "bundled:smollm2-135m-instruct"
+BUNDLED_ENCODER = "bundled:all-minilm-l6-v2"
+
+# The target task mix published with DistilQwen2 (built on TAPIR): 32 categories.
+DEFAULT_TASK_TARGETS: dict[str, float] = {
+    "Math": 0.167, "Reasoning": 0.167, "Code Generation": 0.083, "Code Debug": 0.083, "Others": 0.041,
+    **{name: 0.017 for name in (
+        "Writing", "Computer Science", "Complex Format", "Common-Sense", "Counterfactual",
+        "Multilingual", "Roleplay", "Biology", "Technology", "Ethics", "Sport", "Law", "Medicine",
+        "Literature", "Entertainment", "Art", "Music", "Toxicity", "Economy", "Physics", "History",
+        "Chemistry", "Philosophy", "Health", "Ecology", "Grammar", "Paraphrase")},
+}
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolConfig(Section):
+    source: str = Field("bundled:sample", description=(
+        "Instruction pool to import: a file or directory (Alpaca JSON/JSONL, chat JSONL, Self-Instruct "
+        "seed tasks, Parquet, a saved HF datasets directory), or 'bundled:sample' for the shipped pool."))
+    format: Literal["auto", "alpaca", "chat", "selfinstruct", "parquet", "hf"] = Field(
+        "auto", description="Input format; 'auto' decides per file from its extension and first record.")
+    id_column: Optional[str] = Field(None, description=(
+        "Column holding the pool's own row ids; by default ids are a hash of instruction + input."))
+    rows_per_shard: int = Field(50_000, gt=0, description="Rows per Parquet shard written on import.")
+    max_row_chars: int = Field(32_000, gt=0, description=(
+        "Rows whose instruction + input + output exceed this many characters are quarantined."))
+
+
+class StorageConfig(Section):
+    run_dir: str = Field("runs/local", description="Run directory: a local path or s3://bucket/prefix.")
+    s3_endpoint_url: Optional[str] = Field(None, description=(
+        "S3-compatible endpoint (MinIO, moto); credentials always come from the environment."))
+    cache_dir: str = Field("~/.cache/tapir", description="Where prepared models are cached.")
+
+
+class RayConfig(Section):
+    address: Optional[str] = Field(None, description="Ray cluster address; None starts a local Ray.")
+    num_cpus: Optional[int] = Field(None, gt=0, description=(
+        "Logical CPUs for a local Ray. Over-subscribing a laptop lets ingest tasks run beside actors."))
+    namespace: str = "tapir"
+
+
+class VllmEngineConfig(Section):
+    max_model_len: int = Field(2048, gt=0)
+    dtype: str = "auto"
+    enforce_eager: bool = Field(True, description="On CPU, start-up drops from ~140 s to ~30 s.")
+    tensor_parallel_size: int = Field(1, gt=0)
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description=(
+        "Share of GPU memory for weights + KV cache. Leave unset on CPU: it would be taken as a share "
+        "of RAM; kv_cache_space_gib sizes the CPU cache instead."))
+    kv_cache_space_gib: int = Field(1, gt=0, description="CPU backend KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    extra_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "Further vllm EngineArgs, passed through unchanged."))
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(512, gt=0)
+    seed: Optional[int] = 0
+
+
+class StudentConfig(Section):
+    model: str = Field(BUNDLED_STUDENT, description="HF model directory, hub id, or a bundled:… name.")
+    num_actors: int = Field(1, gt=0, description="vLLM engine actors generating in parallel.")
+    num_gpus_per_actor: float = Field(0, ge=0)
+    batch_size: int = Field(16, gt=0)
+    engine: VllmEngineConfig = VllmEngineConfig()
+    sampling: SamplingConfig = SamplingConfig()
+
+
+class PriceConfig(Section):
+    input_per_million_usd: float = Field(0.0, ge=0)
+    output_per_million_usd: float = Field(0.0, ge=0)
+
+
+class LocalServerConfig(Section):
+    """How the pipeline serves the teacher itself with `vllm serve` on loopback."""
+
+    model: str = BUNDLED_STUDENT
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+    startup_timeout_s: float = Field(300, gt=0)
+    engine: VllmEngineConfig = VllmEngineConfig()
+
+
+_SECRET_KEYS = ("api_key", "apikey", "key", "token", "secret", "password")
+
+
+class EndpointConfig(Section):
+    """An OpenAI-compatible chat endpoint: the teacher, or the judge."""
+
+    kind: Literal["local", "remote"] = Field("local", description=(
+        "'local' starts `vllm serve` of local.model on loopback with a random key; 'remote' uses base_url."))
+    base_url: Optional[str] = Field(None, description="e.g. https://api.openai.com/v1 (kind: remote).")
+    model: Optional[str] = Field(None, description="Model name sent in requests; local: the served name.")
+    api_key_env: str = Field("TAPIR_TEACHER_API_KEY", description=(
+        "Name of the environment variable holding the API key. The key itself never goes in a config."))
+    requests_per_minute: int = Field(600, gt=0)
+    tokens_per_minute: int = Field(1_000_000, gt=0)
+    max_concurrency: int = Field(16, gt=0, description="Requests in flight per worker process.")
+    timeout_s: float = Field(120, gt=0, description="Per-request timeout.")
+    max_attempts: int = Field(6, gt=0, description="Attempts per request before the row is marked failed.")
+    price: PriceConfig = PriceConfig()
+    local: LocalServerConfig = LocalServerConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_secrets(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if str(key).lower() in _SECRET_KEYS:
+                    raise ValueError(
+                        f"'{key}' holds a secret and is not accepted in a config file: put the key in an "
+                        "environment variable and name that variable in 'api_key_env'")
+        return data
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> "EndpointConfig":
+        if self.kind == "remote" and (not self.base_url or not self.model):
+            raise ValueError("kind 'remote' needs both 'base_url' and 'model'")
+        if self.base_url and urlsplit(self.base_url).scheme not in ("http", "https"):
+            raise ValueError(f"base_url must start with http:// or https://, got {redact_url(self.base_url)!r}")
+        return self
+
+    @property
+    def served_model(self) -> str:
+        return self.model or "tapir-teacher"
+
+
+class ClassifierTrainConfig(Section):
+    epochs: int = Field(3, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_len: int = Field(128, gt=0)
+    held_out_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class ClassifierConfig(Section):
+    backbone: str = Field(BUNDLED_ENCODER, description=(
+        "Encoder to fine-tune: DeBERTa-v3 on a cluster, the bundled MiniLM locally, any HF encoder."))
+    label_sample_size: int = Field(1000, gt=0, description="Pool rows the teacher labels for training.")
+    num_actors: int = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0)
+    batch_size: int = Field(64, gt=0)
+    confidence_threshold: float = Field(0.5, ge=0, le=1)
+    teacher_relabels_low_confidence: bool = Field(False, description=(
+        "Send rows under confidence_threshold to the teacher for a label instead."))
+    train: ClassifierTrainConfig = ClassifierTrainConfig()
+
+
+class CurriculumConfig(Section):
+    rounds: int = Field(2, gt=0)
+    mfd_threshold: float = Field(1.0, description=(
+        "δ: rows whose MFD (teacher score − student score) exceeds it are hard seeds. Lion uses 1.0."))
+    hard_share_start: float = Field(0.5, ge=0, le=1, description="α_0: share of hard rows in round 0.")
+    hard_share_step: float = Field(0.25, ge=0, le=1, description="β: α_{r+1} = min(1, α_r + β).")
+    rows_per_round: int = Field(200, gt=0, description="Training rows per round after resampling.")
+    expansion_per_round: int = Field(100, ge=0, description="New instructions the teacher writes per round.")
+    keep_reference_outputs: bool = Field(True, description=(
+        "Use the pool's reference output as the teacher's response where there is one."))
+    task_targets: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TASK_TARGETS), description=(
+        "Target task distribution; normalised to sum to 1. Replacing it replaces the category list."))
+    seed: int = 0
+
+    @field_validator("task_targets")
+    @classmethod
+    def _normalised(cls, targets: dict[str, float]) -> dict[str, float]:
+        if not targets:
+            raise ValueError("needs at least one category")
+        bad = [name for name, share in targets.items() if not (share > 0 and math.isfinite(share))]
+        if bad:
+            raise ValueError(f"shares must be positive numbers: {', '.join(bad)}")
+        total = sum(targets.values())
+        if abs(total - 1.0) > 0.02:
+            raise ValueError(f"shares sum to {total:.3f}; they must sum to 1 (±0.02)")
+        return {name: share / total for name, share in targets.items()}
+
+
+class TrainingConfig(Section):
+    epochs: int = Field(3, gt=0, description="Lion: 3.")
+    learning_rate: float = Field(2e-5, gt=0, description="Lion: 2e-5.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    effective_batch_size: int = Field(128, gt=0, description="Sequences per optimizer step, all workers.")
+    micro_batch_size: int = Field(4, gt=0, description="Sequences per worker per forward pass.")
+    max_len: int = Field(1024, gt=0)
+    packing: bool = True
+    zero_stage: Literal[2, 3] = 2
+    bf16: Literal["auto", "on", "off"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    gradient_checkpointing: bool = True
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    system_prompt: Optional[str] = None
+
+
+class EvalConfig(Section):
+    held_out_path: Optional[str] = Field(None, description="Held-out instructions with reference answers.")
+    num_rows: int = Field(200, gt=0)
+    mtbench_questions: Optional[str] = None
+
+
+class RunConfig(Section):
+    pool: PoolConfig = PoolConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    student: StudentConfig = StudentConfig()
+    teacher: EndpointConfig = EndpointConfig()
+    judge: Optional[EndpointConfig] = Field(None, description="Defaults to the teacher.")
+    classifier: ClassifierConfig = ClassifierConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
+    training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
+    max_cost_usd: Optional[float] = Field(None, gt=0, description=(
+        "Budget cap: no request is sent that could take the run's API cost past it."))
+
+    @property
+    def effective_judge(self) -> EndpointConfig:
+        return self.judge or self.teacher
+
+
+class ConfigError(ValueError):
+    """Every problem of one config file, each with its field path (and line, where known)."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        listed = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{path}: {len(problems)} error(s) in the config:\n{listed}")
+
+
+def bundled_config_path(name: str = "local.yaml") -> Path:
+    return Path(str(importlib.resources.files("pipeline") / "configs" / name))
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(path, [f"cannot read the file: {err.strerror}"]) from None
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(path, [f"{where}not valid YAML: {getattr(err, 'problem', err)}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["the top level must be a mapping of sections (pool:, student:, …)"])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        lines = _yaml_lines(root)
+        raise ConfigError(path, [_describe(e, lines) for e in err.errors()]) from None
+
+
+def _describe(error: dict, lines: dict[tuple, int]) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    field = ".".join(loc) or "(top level)"
+    line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+    where = f" (line {line})" if line else ""
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; `tapir config show` lists every key)"
+    return f"{field}{where}: {message}"
+
+
+def _yaml_lines(node: Optional[yaml.Node], prefix: tuple = ()) -> dict[tuple, int]:
+    """Maps each key path of a YAML document to the line it is written on, for error messages."""
+    found: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (str(key.value),)
+            found[path] = key.start_mark.line + 1
+            found.update(_yaml_lines(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found[prefix + (str(index),)] = item.start_mark.line + 1
+            found.update(_yaml_lines(item, prefix + (str(index),)))
+    return found
+
+
+def redact_url(url: str) -> str:
+    """Hides user:password in a URL (http://user:pw@host, s3://key:secret@bucket)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+def _names_a_secret(key: str) -> bool:
+    words = set(re.split(r"[_\-.]", key.lower()))
+    return not key.endswith("_env") and bool(words & {"key", "apikey", "token", "secret", "password"})
+
+
+def redacted(value: Any, key: str = "") -> Any:
+    """A copy of a plain config dump that is safe to print: URL credentials and secret-named values hidden."""
+    if isinstance(value, dict):
+        return {k: redacted(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    if isinstance(value, str):
+        if _names_a_secret(key):
+            return "***"
+        if "://" in value:
+            return redact_url(value)
+    return value
+
+
+def show(config: RunConfig) -> str:
+    """The resolved config as YAML, safe to print, with whether each API key variable is set."""
+    dump = redacted(config.model_dump(mode="json"))
+    text = yaml.safe_dump(dump, sort_keys=False, allow_unicode=True)
+    notes = []
+    for role, endpoint in (("teacher", config.teacher), ("judge", config.effective_judge)):
+        state = "set" if os.environ.get(endpoint.api_key_env) else "not set"
+        notes.append(f"# {role} key: ${endpoint.api_key_env} is {state}"
+                     + (" (a local teacher generates its own)" if endpoint.kind == "local" else ""))
+    return text + "\n".join(notes) + "\n"

@@ -1,0 +1,39 @@
+"""Opening the configured teacher or judge endpoint: a remote API, or a local `vllm serve` started here."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from pipeline.config import EndpointConfig
+from pipeline.llm.local_server import LocalTeacherServer
+from pipeline.llm.secret import Secret, secret_from_env
+from pipeline.models import resolve_model
+
+
+@dataclass(frozen=True)
+class OpenEndpoint:
+    base_url: str
+    model: str
+    api_key: Secret
+    server: Optional[LocalTeacherServer] = None
+
+
+@contextmanager
+def open_endpoint(endpoint: EndpointConfig, cache_dir: str, log_path: Optional[Path] = None,
+                  role: str = "teacher") -> Iterator[OpenEndpoint]:
+    """Yields a usable endpoint; a local teacher is started on entry and stopped on exit, even on errors.
+
+    A local teacher uses the key in $api_key_env when that variable is set (so other processes can be
+    given it), and a fresh random key otherwise.
+    """
+    if endpoint.kind == "remote":
+        yield OpenEndpoint(endpoint.base_url, endpoint.model, secret_from_env(endpoint.api_key_env, role))
+        return
+    model_dir = resolve_model(endpoint.local.model, cache_dir)
+    given = os.environ.get(endpoint.api_key_env)
+    with LocalTeacherServer(endpoint.local, model_dir, endpoint.served_model,
+                            api_key=Secret(given) if given else None, log_path=log_path) as server:
+        yield OpenEndpoint(server.base_url, endpoint.served_model, server.api_key, server)

@@ -1,0 +1,368 @@
+"""`tapir pool import`: turns instruction files of several formats into Parquet shards of the pool schema.
+
+Formats: Alpaca JSON or JSONL (instruction, input, output), chat JSONL (messages), Self-Instruct seed
+tasks (instruction + instances), Parquet, and a directory saved by HF `datasets` (Arrow files, read
+with pyarrow so `datasets` is not needed). Rows that cannot enter the pool go to `quarantine.jsonl`
+with the file, line, field and reason; a file that cannot be read at all stops the import with an
+error naming the file and line.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline import store
+from pipeline.config import PoolConfig
+from pipeline.schema import POOL_COLUMNS, POOL_SCHEMA, RowProblem, check_record
+
+log = logging.getLogger(__name__)
+
+BUNDLED_SAMPLE = "bundled:sample"
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.jsonl"
+_RAW_KEPT_CHARS = 100_000   # a quarantined row keeps this much of its raw text, so it can be fixed
+_ARROW_BATCH_ROWS = 10_000
+
+
+class PoolImportError(ValueError):
+    """A source that cannot be imported at all; the message names the file (and line)."""
+
+
+@dataclass
+class Record:
+    """One row read from a source, before validation."""
+
+    where: str              # "file:line" or "file#row", for people
+    fields: Any             # the mapped pool fields (a dict) or the raw value that failed to map
+    raw: str                # the source text, kept in the quarantine if the row is rejected
+    problem: Optional[RowProblem] = None
+
+
+@dataclass
+class ImportSummary:
+    sources: list[str]
+    out: str
+    rows_in: int = 0
+    rows_out: int = 0
+    quarantined: Counter = field(default_factory=Counter)
+    shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "stage": "pool_import", "sources": self.sources, "out": self.out,
+            "rows_in": self.rows_in, "rows_out": self.rows_out,
+            "failed": sum(self.quarantined.values()), "failed_by_reason": dict(self.quarantined),
+            "shards": self.shards, "wall_s": round(self.seconds, 3),
+            "rows_per_s": round(self.rows_in / self.seconds, 1) if self.seconds else None,
+        }
+
+    def text(self) -> str:
+        lines = [f"imported {self.rows_out} of {self.rows_in} rows into {len(self.shards)} shard(s) "
+                 f"in {self.out} ({self.seconds:.1f} s)"]
+        if self.quarantined:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in self.quarantined.most_common())
+            lines.append(f"quarantined {sum(self.quarantined.values())} rows ({reasons}); "
+                         f"see {self.out.rstrip('/')}/{QUARANTINE}")
+        return "\n".join(lines)
+
+
+def bundled_sample_path() -> Path:
+    return Path(str(importlib.resources.files("pipeline") / "data" / "sample_pool.jsonl"))
+
+
+# ---------------------------------------------------------------- mapping source records to pool fields
+
+def _alpaca_fields(record: dict, id_column: Optional[str]) -> Any:
+    if not isinstance(record, dict):
+        return record
+    mapped = {"instruction": record.get("instruction"), "input": record.get("input"),
+              "output": record.get("output")}
+    id_key = id_column or "id"
+    if id_column and record.get(id_column) is None:
+        return RowProblem("missing_field", id_column, f"id column '{id_column}' is missing")
+    if record.get(id_key) is not None:
+        mapped["id"] = record[id_key]
+    mapped["meta"] = {k: v for k, v in record.items() if k not in ("instruction", "input", "output", id_key)}
+    return mapped
+
+
+def _chat_fields(record: dict, id_column: Optional[str]) -> Any:
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return RowProblem("wrong_type", "messages", "'messages' must be a list of {role, content} objects")
+    system = [m.get("content") for m in messages if m.get("role") == "system"]
+    turns = [m for m in messages if m.get("role") != "system"]
+    if not turns or turns[0].get("role") != "user":
+        return RowProblem("missing_field", "messages", "no user message to take the instruction from")
+    if sum(1 for m in turns if m.get("role") == "user") > 1:
+        return RowProblem("multi_turn", "messages", "multi-turn conversations are not single instructions")
+    unknown = {m.get("role") for m in turns} - {"user", "assistant"}
+    if unknown:
+        return RowProblem("wrong_type", "messages", f"unknown role(s): {sorted(map(str, unknown))}")
+    mapped = {"instruction": turns[0].get("content"), "input": "",
+              "output": turns[1].get("content") if len(turns) > 1 else None}
+    meta = {k: v for k, v in record.items() if k not in ("messages", id_column or "id")}
+    if system:
+        meta["system"] = system[0] if len(system) == 1 else system
+    mapped["meta"] = meta
+    if record.get(id_column or "id") is not None:
+        mapped["id"] = record[id_column or "id"]
+    return mapped
+
+
+def _selfinstruct_fields(record: dict, id_column: Optional[str]) -> list[Any]:
+    """A seed task has one instruction and a list of instances: one pool row per instance."""
+    instances = record.get("instances") if isinstance(record, dict) else None
+    if not isinstance(instances, list) or not instances:
+        return [RowProblem("missing_field", "instances", "'instances' must be a non-empty list")]
+    task_id = record.get(id_column or "id")
+    meta = {k: v for k, v in record.items() if k not in ("instruction", "instances", id_column or "id")}
+    rows = []
+    for index, instance in enumerate(instances):
+        if not isinstance(instance, dict):
+            rows.append(RowProblem("wrong_type", f"instances.{index}", "an instance must be an object"))
+            continue
+        mapped = {"instruction": record.get("instruction"), "input": instance.get("input"),
+                  "output": instance.get("output"), "meta": meta}
+        if task_id is not None:
+            mapped["id"] = f"{task_id}" if len(instances) == 1 else f"{task_id}#{index}"
+        rows.append(mapped)
+    return rows
+
+
+_MAPPERS = {"alpaca": _alpaca_fields, "chat": _chat_fields, "parquet": _alpaca_fields, "hf": _alpaca_fields}
+
+
+def _map(fmt: str, value: Any, id_column: Optional[str]) -> list[Any]:
+    if fmt == "selfinstruct":
+        return _selfinstruct_fields(value, id_column)
+    return [_MAPPERS[fmt](value, id_column)]
+
+
+# ---------------------------------------------------------------- reading sources
+
+def _json_format(first: Any) -> str:
+    if isinstance(first, dict) and "messages" in first:
+        return "chat"
+    if isinstance(first, dict) and "instances" in first and "instruction" in first:
+        return "selfinstruct"
+    return "alpaca"
+
+
+def _read_jsonl(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Record]:
+    with open(path, "rb") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            raw_bytes = line.rstrip(b"\r\n")
+            if not raw_bytes.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as err:
+                text = raw_bytes.decode("utf-8", errors="backslashreplace")
+                yield Record(where, None, text, RowProblem("invalid_utf8", None, f"not valid UTF-8 at byte {err.start}"))
+                continue
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as err:
+                yield Record(where, None, raw, RowProblem("not_json", None, f"not valid JSON: {err.msg} at column {err.colno}"))
+                continue
+            if fmt == "auto":
+                fmt = _json_format(value)
+            for mapped in _map(fmt, value, id_column):
+                yield Record(where, mapped, raw)
+
+
+def _read_json_array(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Record]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PoolImportError(f"{path}: not valid UTF-8 at byte {err.start}; fix the file or use JSONL, "
+                              "where bad lines are quarantined one by one") from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PoolImportError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(items, list):
+        raise PoolImportError(f"{path}: expected a JSON list of records, got a {type(items).__name__}")
+    if fmt == "auto":
+        fmt = _json_format(items[0] if items else None)
+    for index, value in enumerate(items):
+        raw = json.dumps(value, ensure_ascii=False)
+        for mapped in _map(fmt, value, id_column):
+            yield Record(f"{path}#{index}", mapped, raw)
+
+
+def _read_arrow_batches(path: Path, batches: Iterator[pa.RecordBatch], id_column: Optional[str]) -> Iterator[Record]:
+    row = 0
+    for batch in batches:
+        if "instruction" not in batch.schema.names:
+            raise PoolImportError(f"{path}: no 'instruction' column (columns: {', '.join(batch.schema.names)})")
+        for value in batch.to_pylist():
+            yield Record(f"{path}#{row}", _alpaca_fields(value, id_column), "")
+            row += 1
+
+
+def _read_parquet(path: Path, id_column: Optional[str]) -> Iterator[Record]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise PoolImportError(f"{path}: not a readable Parquet file ({err})") from None
+    yield from _read_arrow_batches(path, parquet.iter_batches(batch_size=_ARROW_BATCH_ROWS), id_column)
+
+
+def _hf_arrow_files(directory: Path) -> list[Path]:
+    """The Arrow files of a directory written by `datasets.Dataset(Dict).save_to_disk`, in order."""
+    if (directory / "dataset_dict.json").exists():
+        splits = json.loads((directory / "dataset_dict.json").read_text())["splits"]
+        return [f for split in splits for f in _hf_arrow_files(directory / split)]
+    state = json.loads((directory / "state.json").read_text())
+    return [directory / entry["filename"] for entry in state["_data_files"]]
+
+
+def _read_hf(directory: Path, id_column: Optional[str]) -> Iterator[Record]:
+    for arrow_file in _hf_arrow_files(directory):
+        try:
+            reader = pa.ipc.open_stream(pa.memory_map(str(arrow_file)))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise PoolImportError(f"{arrow_file}: not a readable Arrow file ({err})") from None
+        yield from _read_arrow_batches(arrow_file, iter(reader), id_column)
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _source_files(source: str, fmt: str) -> list[tuple[Path, str]]:
+    """Expands one source into (file, format) pairs; formats still 'auto' are decided while reading."""
+    path = bundled_sample_path() if source == BUNDLED_SAMPLE else Path(source).expanduser()
+    if not path.exists():
+        raise PoolImportError(f"{source}: no such file or directory")
+    if path.is_dir():
+        if fmt == "hf" or (fmt == "auto" and _is_hf_dir(path)):
+            return [(path, "hf")]
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
+        if not files:
+            raise PoolImportError(f"{source}: directory holds no .jsonl, .json or .parquet file")
+        return [pair for f in files for pair in _source_files(str(f), fmt)]
+    if fmt == "auto" and path.suffix == ".parquet":
+        fmt = "parquet"
+    return [(path, fmt)]
+
+
+def _records(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Record]:
+    if fmt == "hf":
+        return _read_hf(path, id_column)
+    if fmt == "parquet":
+        return _read_parquet(path, id_column)
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip()
+    if head.startswith(b"["):
+        return _read_json_array(path, fmt, id_column)
+    return _read_jsonl(path, fmt, id_column)
+
+
+# ---------------------------------------------------------------- writing the pool
+
+class _ShardWriter:
+    def __init__(self, out: store.Location, rows_per_shard: int):
+        self.out, self.rows_per_shard = out, rows_per_shard
+        self.columns: dict[str, list] = {name: [] for name in POOL_COLUMNS}
+        self.shards: list[str] = []
+
+    def add(self, row: dict) -> None:
+        for name in POOL_COLUMNS:
+            self.columns[name].append(row[name])
+        if len(self.columns["id"]) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.columns["id"]:
+            return
+        table = pa.Table.from_pydict(self.columns, schema=POOL_SCHEMA)
+        name = f"part-{len(self.shards):05d}.parquet"
+        store.write_parquet(self.out, name, table)
+        self.shards.append(name)
+        self.columns = {name: [] for name in POOL_COLUMNS}
+
+
+def _clear_previous_import(out: store.Location) -> None:
+    for path in out.list_files():
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith("part-") or name in (MANIFEST, QUARANTINE):
+            out.fs.delete_file(path)
+
+
+def import_pool(sources: list[str], out: store.Location, pool: PoolConfig,
+                overwrite: bool = False, progress: bool = True) -> ImportSummary:
+    """Imports `sources` into Parquet shards under `out`; returns counts. Raises PoolImportError."""
+    started = time.perf_counter()
+    if not out.is_empty_dir():
+        if not overwrite:
+            raise PoolImportError(f"{out.uri}: output directory is not empty; pass --overwrite to replace "
+                                  "a previous import")
+        _clear_previous_import(out)
+    files = [pair for source in sources for pair in _source_files(source, pool.format)]
+    out.makedirs()
+    summary = ImportSummary(sources=[str(p) for p, _ in files], out=out.uri)
+    writer = _ShardWriter(out, pool.rows_per_shard)
+    quarantine: list[str] = []
+    seen_ids: set[str] = set()
+    bar = tqdm(unit=" rows", desc="import", disable=not progress, mininterval=1.0)
+
+    def reject(record: Record, problem: RowProblem) -> None:
+        summary.quarantined[problem.reason] += 1
+        quarantine.append(json.dumps({"where": record.where, "reason": problem.reason, "field": problem.field,
+                                      "detail": problem.detail, "raw": record.raw[:_RAW_KEPT_CHARS]},
+                                     ensure_ascii=False))
+
+    for path, fmt in files:
+        for record in _records(path, fmt, pool.id_column):
+            summary.rows_in += 1
+            bar.update()
+            problem = record.problem or (record.fields if isinstance(record.fields, RowProblem) else None)
+            if problem is None:
+                row, problem = check_record(record.fields, pool.max_row_chars)
+            if problem is None and row["id"] in seen_ids:
+                problem = RowProblem("duplicate_id", "id", f"id {row['id']} was already taken by an earlier row "
+                                     "(same instruction and input, or the same id in the id column)")
+            if problem is not None:
+                if not record.raw:
+                    record.raw = json.dumps(record.fields, ensure_ascii=False, default=str) \
+                        if not isinstance(record.fields, RowProblem) else ""
+                reject(record, problem)
+                continue
+            seen_ids.add(row["id"])
+            row["source"] = record.where
+            writer.add(row)
+            summary.rows_out += 1
+    writer.flush()
+    bar.close()
+    summary.shards = writer.shards
+    if quarantine:
+        store.write_text(out, QUARANTINE, "\n".join(quarantine) + "\n")
+    summary.seconds = time.perf_counter() - started
+    if summary.rows_out == 0:
+        hint = f"; see {out.uri.rstrip('/')}/{QUARANTINE} for why" if quarantine else ""
+        raise PoolImportError(f"{', '.join(sources)}: no valid rows to import ({summary.rows_in} read){hint}")
+    store.write_json(out, MANIFEST, summary.as_dict())
+    return summary
+
+
+def read_pool(location: store.Location) -> pa.Table:
+    """Reads an imported pool back (small pools and tests; stages stream it with Ray Data)."""
+    files = [p for p in location.list_files(".parquet") if p.rsplit("/", 1)[-1].startswith("part-")]
+    if not files:
+        raise PoolImportError(f"{location.uri}: no pool shards (part-*.parquet); run `tapir pool import` first")
+    return pa.concat_tables(pq.read_table(p, filesystem=location.fs) for p in files)

