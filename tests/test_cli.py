@@ -58,3 +58,33 @@ def test_check_runs_the_local_end_to_end_path(tmp_path, model_cache):
     assert "imported" in done.stdout and "tokens:" in done.stdout and "completion;" in done.stdout
     manifest = json.loads((tmp_path / "run" / "pool" / "manifest.json").read_text())
     assert manifest["rows_out"] >= 300
+
+
+@pytest.mark.slow
+def test_serve_teacher_prints_base_url_serves_and_stops_on_ctrl_c(tmp_path, model_cache):
+    import signal
+    import urllib.request
+
+    config = tmp_path / "local.yaml"
+    config.write_text(f"storage:\n  cache_dir: {model_cache}\n")
+    process = subprocess.Popen([TAPIR, "serve-teacher", str(config), "--print-key"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        printed = {}
+        for line in process.stdout:
+            if line.startswith(("base_url", "api_key")):
+                name, value = line.split()
+                printed[name] = value
+            if line.startswith("serving"):
+                break
+        request = urllib.request.Request(printed["base_url"] + "/models",
+                                         headers={"Authorization": f"Bearer {printed['api_key']}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["data"][0]["id"] == "tapir-teacher"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        assert "local teacher stopped" in process.stderr.read()
+        with pytest.raises(OSError):
+            urllib.request.urlopen(request, timeout=5)
+    finally:
+        process.kill()
