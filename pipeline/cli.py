@@ -25,6 +25,13 @@ log = logging.getLogger("tapir")
 _USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
 def _config(path: Optional[str]) -> RunConfig:
     return load_config(path or bundled_config_path())
 
@@ -160,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--config", help="run config whose pool section gives the defaults")
     importer.add_argument("--format", choices=["auto", "alpaca", "chat", "selfinstruct", "parquet", "hf"])
     importer.add_argument("--id-column")
-    importer.add_argument("--rows-per-shard", type=int)
-    importer.add_argument("--max-row-chars", type=int)
+    importer.add_argument("--rows-per-shard", type=_positive_int)
+    importer.add_argument("--max-row-chars", type=_positive_int)
     importer.add_argument("--overwrite", action="store_true", help="replace a previous import in --out")
     importer.set_defaults(run=cmd_pool_import)
 

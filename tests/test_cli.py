@@ -43,7 +43,7 @@ def test_pool_import_command(shared_data, tmp_path):
     again = tapir("pool", "import", str(shared_data / "alpaca_dev_4000.jsonl"), "--out", str(tmp_path / "pool"))
     assert again.returncode == 2 and "pass --overwrite" in again.stderr
     zero = tapir("pool", "import", "x.jsonl", "--out", str(tmp_path / "p2"), "--rows-per-shard", "0")
-    assert zero.returncode == 2 and "rows_per_shard" in zero.stderr
+    assert zero.returncode == 2 and "--rows-per-shard: must be a positive whole number" in zero.stderr
 
 
 @pytest.mark.slow
