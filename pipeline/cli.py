@@ -117,7 +117,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if pool_dir.child(MANIFEST).exists():
         print(f"pool     reusing {pool_dir.uri}")
     else:
-        print(f"pool     {import_pool([config.pool.source], pool_dir, config.pool, progress=False).text()}")
+        # No manifest means no import finished: whatever an interrupted one left is replaced.
+        summary = import_pool([config.pool.source], pool_dir, config.pool, overwrite=True, progress=False)
+        print(f"pool     {summary.text()}")
     pool = read_pool(pool_dir)
     timings["pool"] = time.perf_counter() - started
     instruction = pool.column("instruction")[0].as_py()
