@@ -12,17 +12,20 @@ from typing import Optional
 
 from pipeline import store
 from pipeline.config import ConfigError, PoolConfig, RunConfig, bundled_config_path, load_config, show
-from pipeline.llm.client import ChatClient, EndpointError
+from pipeline.llm.client import ChatClient, ChatRequest, EndpointError, RequestFailed
+from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.endpoint import open_endpoint
 from pipeline.llm.local_server import TeacherServerError
 from pipeline.llm.secret import MissingSecretError
+from pipeline.llm.shared_limits import local_limits
 from pipeline.models import ModelError, bundled_encoder_dir, prepare_bundled_student
 from pipeline.pool import MANIFEST, PoolImportError, import_pool, read_pool
 
 log = logging.getLogger("tapir")
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
-_USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError)
+_USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError,
+                RequestFailed, BudgetExceeded)
 
 
 def _positive_int(text: str) -> int:
@@ -98,9 +101,11 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _one_completion(endpoint, instruction: str, timeout_s: float, max_tokens: int):
-    async with ChatClient(endpoint.base_url, endpoint.model, endpoint.api_key, timeout_s) as client:
-        return await client.complete([{"role": "user", "content": instruction}], max_tokens=max_tokens)
+async def _one_completion(config: RunConfig, endpoint, instruction: str):
+    limits = local_limits([config.teacher], config.max_cost_usd)
+    async with ChatClient(config.teacher, endpoint.base_url, endpoint.api_key, limits, endpoint.model) as client:
+        return await client.complete(ChatRequest([{"role": "user", "content": instruction}],
+                                                 max_tokens=config.student.sampling.max_tokens, stage="check"))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -130,8 +135,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         timings["teacher start"] = time.perf_counter() - started
         print(f"teacher  {endpoint.base_url} ({endpoint.model})")
         started = time.perf_counter()
-        result = asyncio.run(_one_completion(endpoint, instruction, config.teacher.timeout_s,
-                                             config.student.sampling.max_tokens))
+        result = asyncio.run(_one_completion(config, endpoint, instruction))
         timings["completion"] = time.perf_counter() - started
         started = time.perf_counter()
     timings["teacher stop"] = time.perf_counter() - started

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from pipeline.config import LocalServerConfig
-from pipeline.llm.client import ChatClient, EndpointError
+from pipeline.config import EndpointConfig, LocalServerConfig
+from pipeline.llm.client import ChatClient, ChatRequest, EndpointError
+from pipeline.llm.shared_limits import local_limits
 from pipeline.llm.local_server import LocalTeacherServer, TeacherServerError
 from pipeline.llm.secret import Secret
 
@@ -14,9 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 def ask(server: LocalTeacherServer, content: str, api_key: Secret = None, **kwargs):
+    endpoint = EndpointConfig(model=server.served_model)
     async def one():
-        async with ChatClient(server.base_url, server.served_model, api_key or server.api_key, 120) as client:
-            return await client.complete([{"role": "user", "content": content}], **kwargs)
+        async with ChatClient(endpoint, server.base_url, api_key or server.api_key,
+                              local_limits([endpoint], None)) as client:
+            return await client.complete(ChatRequest([{"role": "user", "content": content}], **kwargs))
     return asyncio.run(one())
 
 

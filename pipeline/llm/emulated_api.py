@@ -1,0 +1,230 @@
+"""An OpenAI-compatible chat server on loopback that behaves like a paid API, for tests and benchmarks.
+
+It enforces requests and tokens per minute over a strict sliding 60-second window (429 with
+Retry-After and x-ratelimit-* headers), charges the tokens it reports in `usage`, adds latency, and
+injects faults at configured rates: 500, 503, timeouts (no answer), connection resets, truncated bodies
+and non-JSON bodies. It answers structured-output requests (response_format json_schema) with JSON that
+matches the schema, deterministically from the prompt. Everything it served is counted, so a test can
+check that no paid call was lost or repeated.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from aiohttp import web
+
+_WINDOW_S = 60.0
+
+
+@dataclass
+class Faults:
+    """Share of requests (0..1) that meet each fault; the rest are answered normally."""
+
+    server_error: float = 0.0     # 500
+    unavailable: float = 0.0      # 503
+    timeout: float = 0.0          # never answered within the client's timeout
+    reset: float = 0.0            # the connection is closed without an answer
+    truncated: float = 0.0        # 200 whose body is cut off
+    non_json: float = 0.0         # 200 with an HTML error page
+
+    def pick(self, rng: random.Random) -> Optional[str]:
+        roll = rng.random()
+        for name in ("server_error", "unavailable", "timeout", "reset", "truncated", "non_json"):
+            roll -= getattr(self, name)
+            if roll < 0:
+                return name
+        return None
+
+
+@dataclass
+class ServerStats:
+    received: int = 0
+    answered: int = 0                       # 200 with a valid completion: what a paid API bills
+    rate_limited: int = 0
+    faults: collections.Counter = field(default_factory=collections.Counter)
+    answered_prompts: collections.Counter = field(default_factory=collections.Counter)
+    tokens_charged: int = 0
+    answered_at: list = field(default_factory=list)    # (monotonic time, tokens) of each answered request
+
+
+def count_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def _from_schema(schema: dict, seed: int):
+    """A value matching the small JSON schemas the pipeline uses (objects, enums, integers, strings)."""
+    if "enum" in schema:
+        return schema["enum"][seed % len(schema["enum"])]
+    kind = schema.get("type")
+    if kind == "object":
+        return {name: _from_schema(sub, seed >> (3 * i)) for i, (name, sub) in
+                enumerate(schema.get("properties", {}).items())}
+    if kind in ("integer", "number"):
+        low, high = int(schema.get("minimum", 0)), int(schema.get("maximum", 100))
+        return low + seed % (high - low + 1)
+    if kind == "boolean":
+        return bool(seed % 2)
+    return f"text {seed % 1000}"
+
+
+def default_reply(body: dict) -> str:
+    """Deterministic content for a request: JSON for a json_schema request, prose otherwise."""
+    prompt = json.dumps(body.get("messages", []), sort_keys=True)
+    seed = _digest(prompt)
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") == "json_schema":
+        return json.dumps(_from_schema(response_format["json_schema"]["schema"], seed))
+    words = min(int(body.get("max_tokens") or 64), 48)
+    return " ".join(f"word{(seed >> (i % 50)) % 97}" for i in range(words))
+
+
+class EmulatedAPI:
+    """`async with EmulatedAPI(rpm=600, tpm=100_000) as api: api.base_url`."""
+
+    def __init__(self, requests_per_minute: int = 10_000, tokens_per_minute: int = 10_000_000,
+                 latency_s: float = 0.0, latency_jitter_s: float = 0.0, faults: Optional[Faults] = None,
+                 api_key: str = "test-key", hang_s: float = 3600.0, seed: int = 0, reply=default_reply):
+        self.rpm, self.tpm = requests_per_minute, tokens_per_minute
+        self.latency_s, self.latency_jitter_s = latency_s, latency_jitter_s
+        self.faults = faults or Faults()
+        self.api_key = api_key
+        self.hang_s = hang_s
+        self.reply = reply
+        self.stats = ServerStats()
+        self._rng = random.Random(seed)
+        self._window: collections.deque = collections.deque()    # (time, tokens) of accepted requests
+        self._runner: Optional[web.AppRunner] = None
+        self.port: Optional[int] = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def __aenter__(self) -> "EmulatedAPI":
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._runner.cleanup()
+
+    @contextlib.contextmanager
+    def serving_in_thread(self):
+        """Runs the server on its own event loop in a thread, for callers that are not async (Ray drivers)."""
+        loop = asyncio.new_event_loop()
+        ready, stop = threading.Event(), asyncio.Event()
+
+        async def serve():
+            async with self:
+                ready.set()
+                await stop.wait()
+
+        thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+        thread.start()
+        ready.wait(timeout=30)
+        try:
+            yield self
+        finally:
+            loop.call_soon_threadsafe(stop.set)
+            thread.join(timeout=30)
+
+    def _usage_in_window(self, now: float) -> tuple[int, int]:
+        while self._window and self._window[0][0] <= now - _WINDOW_S:
+            self._window.popleft()
+        return len(self._window), sum(tokens for _, tokens in self._window)
+
+    def _limit_headers(self, now: float) -> dict:
+        requests, tokens = self._usage_in_window(now)
+        reset = (self._window[0][0] + _WINDOW_S - now) if self._window else 0.0
+        return {"x-ratelimit-limit-requests": str(self.rpm), "x-ratelimit-limit-tokens": str(self.tpm),
+                "x-ratelimit-remaining-requests": str(max(0, self.rpm - requests)),
+                "x-ratelimit-remaining-tokens": str(max(0, self.tpm - tokens)),
+                "x-ratelimit-reset-requests": f"{reset:.3f}s", "x-ratelimit-reset-tokens": f"{reset:.3f}s"}
+
+    def _retry_after(self, now: float, tokens: int) -> float:
+        """Seconds until the window has room for one more request of `tokens`."""
+        requests_used, tokens_used = self._usage_in_window(now)
+        wait = 0.0
+        freed_requests = freed_tokens = 0
+        for at, charged in self._window:
+            if requests_used - freed_requests < self.rpm and tokens_used - freed_tokens + tokens <= self.tpm:
+                break
+            freed_requests, freed_tokens = freed_requests + 1, freed_tokens + charged
+            wait = at + _WINDOW_S - now
+        return max(wait, 0.001)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.stats.received += 1
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": {"message": "Incorrect API key provided."}}, status=401)
+        try:
+            body = await request.json()
+            messages = body["messages"]
+        except (ValueError, KeyError):
+            return web.json_response({"error": {"message": "body must be JSON with 'messages'"}}, status=400)
+        content = self.reply(body)
+        prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in messages)
+        completion_tokens = count_tokens(content)
+        tokens = prompt_tokens + completion_tokens
+        now = time.monotonic()
+        requests_used, tokens_used = self._usage_in_window(now)
+        if requests_used + 1 > self.rpm or tokens_used + tokens > self.tpm:
+            self.stats.rate_limited += 1
+            wait = self._retry_after(now, tokens)
+            headers = {**self._limit_headers(now), "Retry-After": f"{wait:.3f}"}
+            return web.json_response({"error": {"message": "Rate limit reached", "type": "rate_limit"}},
+                                     status=429, headers=headers)
+        fault = self.faults.pick(self._rng)
+        if fault != "timeout":
+            await asyncio.sleep(self.latency_s + self._rng.uniform(0, self.latency_jitter_s))
+        if fault is not None:
+            self.stats.faults[fault] += 1
+            return await self._fault(fault, request)
+        self._window.append((now, tokens))
+        self.stats.answered += 1
+        self.stats.tokens_charged += tokens
+        self.stats.answered_prompts[json.dumps(messages, sort_keys=True)] += 1
+        self.stats.answered_at.append((now, tokens))
+        return web.json_response({
+            "id": f"chatcmpl-{self.stats.answered}", "object": "chat.completion", "model": body.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": tokens}}, headers=self._limit_headers(now))
+
+    async def _fault(self, fault: str, request: web.Request) -> web.StreamResponse:
+        if fault == "server_error":
+            return web.json_response({"error": {"message": "internal error"}}, status=500)
+        if fault == "unavailable":
+            return web.json_response({"error": {"message": "overloaded"}}, status=503)
+        if fault == "timeout":
+            await asyncio.sleep(self.hang_s)
+            return web.json_response({"error": {"message": "too late"}}, status=504)
+        if fault == "non_json":
+            return web.Response(text="<html><body>Bad gateway</body></html>", content_type="text/html")
+        if fault == "reset":
+            request.transport.close()
+            return web.Response(status=500)
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
+                                                           "Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b'{"id": "chatcmpl-cut", "choices": [{"message": {"content": "par')
+        request.transport.close()
+        return response

@@ -1,0 +1,115 @@
+"""Where a run's limits live: in this process, or in one named Ray actor that every worker leases from.
+
+Both give the client the same async interface. The actor answers with a delay relative to its own clock,
+so workers on other nodes need no synchronised clocks; a lease costs one actor call per request.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Optional, Protocol
+
+from pipeline.config import EndpointConfig
+from pipeline.llm.limits import Reservation, RunLimits
+
+
+def endpoint_key(endpoint: EndpointConfig) -> str:
+    """Endpoints that share a URL and model share their limits (a judge that is the teacher, say)."""
+    return f"{endpoint.base_url or 'local'}|{endpoint.served_model}"
+
+
+class Limits(Protocol):
+    async def reserve(self, endpoint: str, tokens: int, max_completion_tokens: int) -> Reservation: ...
+    async def settle(self, endpoint: str, reservation: Reservation, stage: str, prompt_tokens: int,
+                     completion_tokens: int, ok: bool, rate_limited: bool = False) -> None: ...
+    async def pause_for(self, endpoint: str, seconds: float) -> None: ...
+    async def usage_by_stage(self) -> dict[str, dict]: ...
+
+
+class LocalLimits:
+    """The limits of a run held in this process (one worker, or tests)."""
+
+    def __init__(self, limits: RunLimits):
+        self.limits = limits
+
+    async def reserve(self, endpoint: str, tokens: int, max_completion_tokens: int) -> Reservation:
+        reservation = self.limits.reserve(endpoint, time.monotonic(), tokens, max_completion_tokens)
+        await asyncio.sleep(max(0.0, reservation.start - time.monotonic()))
+        return reservation
+
+    async def settle(self, endpoint, reservation, stage, prompt_tokens, completion_tokens, ok,
+                     rate_limited=False) -> None:
+        self.limits.settle(endpoint, reservation, stage, prompt_tokens, completion_tokens, ok, rate_limited)
+
+    async def pause_for(self, endpoint: str, seconds: float) -> None:
+        self.limits.pause_until(endpoint, time.monotonic() + seconds)
+
+    async def usage_by_stage(self) -> dict[str, dict]:
+        return self.limits.usage_by_stage()
+
+
+class LimitsActor:
+    """The body of the named Ray actor; created by `shared_limits`."""
+
+    def __init__(self, max_cost_usd: Optional[float]):
+        self.limits = RunLimits(max_cost_usd)
+
+    def add_endpoint(self, name: str, requests_per_minute: int, tokens_per_minute: int, price) -> None:
+        self.limits.add_endpoint(name, requests_per_minute, tokens_per_minute, price)
+
+    def reserve(self, endpoint: str, tokens: int, max_completion_tokens: int) -> tuple[float, Reservation]:
+        now = time.monotonic()
+        reservation = self.limits.reserve(endpoint, now, tokens, max_completion_tokens)
+        return reservation.start - now, reservation
+
+    def settle(self, *args) -> None:
+        self.limits.settle(*args)
+
+    def pause_for(self, endpoint: str, seconds: float) -> None:
+        self.limits.pause_until(endpoint, time.monotonic() + seconds)
+
+    def usage_by_stage(self) -> dict[str, dict]:
+        return self.limits.usage_by_stage()
+
+
+class RayLimits:
+    """A worker's handle on the run's LimitsActor. Picklable: Ray Data ships it to every actor."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    async def reserve(self, endpoint: str, tokens: int, max_completion_tokens: int) -> Reservation:
+        delay, reservation = await self.actor.reserve.remote(endpoint, tokens, max_completion_tokens)
+        await asyncio.sleep(max(0.0, delay))
+        return reservation
+
+    async def settle(self, endpoint, reservation, stage, prompt_tokens, completion_tokens, ok,
+                     rate_limited=False) -> None:
+        await self.actor.settle.remote(endpoint, reservation, stage, prompt_tokens, completion_tokens, ok,
+                                       rate_limited)
+
+    async def pause_for(self, endpoint: str, seconds: float) -> None:
+        await self.actor.pause_for.remote(endpoint, seconds)
+
+    async def usage_by_stage(self) -> dict[str, dict]:
+        return await self.actor.usage_by_stage.remote()
+
+
+def shared_limits(run_name: str, endpoints: list[EndpointConfig], max_cost_usd: Optional[float],
+                  namespace: str = "tapir") -> RayLimits:
+    """The run's limits actor (created on first use, found by name afterwards) with its endpoints registered."""
+    import ray
+
+    actor_class = ray.remote(num_cpus=0, max_restarts=-1)(LimitsActor)
+    actor = actor_class.options(name=f"tapir-limits-{run_name}", namespace=namespace, get_if_exists=True).remote(
+        max_cost_usd)
+    ray.get([actor.add_endpoint.remote(endpoint_key(e), e.requests_per_minute, e.tokens_per_minute, e.price)
+             for e in endpoints])
+    return RayLimits(actor)
+
+
+def local_limits(endpoints: list[EndpointConfig], max_cost_usd: Optional[float]) -> LocalLimits:
+    limits = RunLimits(max_cost_usd)
+    for e in endpoints:
+        limits.add_endpoint(endpoint_key(e), e.requests_per_minute, e.tokens_per_minute, e.price)
+    return LocalLimits(limits)
