@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from pipeline import store
+from pipeline import classification, store
 from pipeline.config import ConfigError, PoolConfig, RunConfig, bundled_config_path, load_config, show
 from pipeline.llm.client import ChatClient, ChatRequest, EndpointError, RequestFailed
 from pipeline.llm.limits import BudgetExceeded
@@ -19,13 +19,14 @@ from pipeline.llm.local_server import TeacherServerError
 from pipeline.llm.secret import MissingSecretError
 from pipeline.llm.shared_limits import local_limits
 from pipeline.models import ModelError, bundled_encoder_dir, prepare_bundled_student
-from pipeline.pool import MANIFEST, PoolImportError, import_pool, read_pool
+from training import TrainingDataError
+from pipeline.pool import PoolImportError, ensure_pool, import_pool, read_pool
 
 log = logging.getLogger("tapir")
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
 _USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError,
-                RequestFailed, BudgetExceeded)
+                RequestFailed, BudgetExceeded, TrainingDataError, FileNotFoundError)
 
 
 def _positive_int(text: str) -> int:
@@ -117,14 +118,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     timings["models"] = time.perf_counter() - started
 
     run_dir = store.locate(config.storage.run_dir, config.storage.s3_endpoint_url)
-    pool_dir = run_dir.child("pool")
     started = time.perf_counter()
-    if pool_dir.child(MANIFEST).exists():
-        print(f"pool     reusing {pool_dir.uri}")
-    else:
-        # No manifest means no import finished: whatever an interrupted one left is replaced.
-        summary = import_pool([config.pool.source], pool_dir, config.pool, overwrite=True, progress=False)
-        print(f"pool     {summary.text()}")
+    pool_dir, imported = ensure_pool(config)
+    print(f"pool     {imported.text() if imported else 'reusing ' + pool_dir.uri}")
     pool = read_pool(pool_dir)
     timings["pool"] = time.perf_counter() - started
     instruction = pool.column("instruction")[0].as_py()
@@ -143,6 +139,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"rows in pool: {pool.num_rows}; tokens: {result.prompt_tokens} prompt + {result.completion_tokens} "
           f"completion; finish: {result.finish_reason}")
     print("time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
+    return 0
+
+
+def cmd_classifier_label(args: argparse.Namespace) -> int:
+    print(classification.label(_config(args.config), progress=sys.stderr.isatty()).text())
+    return 0
+
+
+def cmd_classifier_train(args: argparse.Namespace) -> int:
+    metrics = classification.train(_config(args.config))
+    print(f"classifier trained on {metrics['train_rows']} rows in {metrics['train_s']} s; held-out agreement with "
+          f"the teacher on {metrics['held_out_rows']} rows: accuracy {metrics['accuracy']:.3f}, "
+          f"macro-F1 {metrics['macro_f1']:.3f}")
+    print(f"saved to {classification.classifier_dir(_config(args.config))} (metrics.json, confusion.png)")
+    return 0
+
+
+def cmd_classifier_apply(args: argparse.Namespace) -> int:
+    summary = classification.apply(_config(args.config), args.round)
+    top = ", ".join(f"{task} {n}" for task, n in list(summary["task_counts"].items())[:8])
+    print(f"classified {summary['rows_out']} of {summary['rows_in']} rows in {summary['wall_s']} s; "
+          f"mean confidence {summary['mean_confidence']:.2f}, {summary['below_threshold']} under the threshold")
+    print(f"most common: {top}")
     return 0
 
 
@@ -183,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default: teacher.local.port; 0 picks a free one)")
     serve.add_argument("--print-key", action="store_true", help="print the API key clients must send")
     serve.set_defaults(run=cmd_serve_teacher)
+
+    classifier = commands.add_parser("classifier", help="the task classifier").add_subparsers(
+        dest="action", required=True)
+    for name, run, text in (("label", cmd_classifier_label, "the teacher labels a sample of the pool"),
+                            ("train", cmd_classifier_train, "fine-tune the classifier on the teacher's labels"),
+                            ("apply", cmd_classifier_apply, "label the whole pool with the classifier (Ray Data)")):
+        command = classifier.add_parser(name, help=text)
+        command.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+        command.set_defaults(run=run)
+        if name == "apply":
+            command.add_argument("--round", type=int, default=0, help="round whose classify/ to write")
 
     check = commands.add_parser("check", help="models, pool, local teacher and one chat completion, end to end")
     check.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")

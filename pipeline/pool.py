@@ -2,7 +2,7 @@
 
 Formats: Alpaca JSON or JSONL (instruction, input, output), chat JSONL (messages), Self-Instruct seed
 tasks (instruction + instances), Parquet, and a directory saved by HF `datasets` (Arrow files, read
-with pyarrow so `datasets` is not needed). Rows that cannot enter the pool go to `quarantine.jsonl`
+with pyarrow so `datasets` is not needed). Rows that cannot enter the pool go to `_quarantine.jsonl`
 with the file, line, field and reason; a file that cannot be read at all stops the import with an
 error naming the file and line.
 """
@@ -22,14 +22,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline import store
-from pipeline.config import PoolConfig
+from pipeline.config import PoolConfig, RunConfig
 from pipeline.schema import POOL_COLUMNS, POOL_SCHEMA, RowProblem, check_record
 
 log = logging.getLogger(__name__)
 
 BUNDLED_SAMPLE = "bundled:sample"
-MANIFEST = "manifest.json"
-QUARANTINE = "quarantine.jsonl"
+MANIFEST = store.MANIFEST
+QUARANTINE = "_quarantine.jsonl"
 _RAW_KEPT_CHARS = 100_000   # a quarantined row keeps this much of its raw text, so it can be fixed
 _ARROW_BATCH_ROWS = 10_000
 
@@ -366,3 +366,12 @@ def read_pool(location: store.Location) -> pa.Table:
     if not files:
         raise PoolImportError(f"{location.uri}: no pool shards (part-*.parquet); run `tapir pool import` first")
     return pa.concat_tables(pq.read_table(p, filesystem=location.fs) for p in files)
+
+
+def ensure_pool(config: RunConfig) -> tuple[store.Location, Optional[ImportSummary]]:
+    """The run's pool directory, importing `pool.source` into it first if no import has finished there."""
+    pool_dir = store.locate(config.storage.run_dir, config.storage.s3_endpoint_url).child("pool")
+    if pool_dir.child(MANIFEST).exists():
+        return pool_dir, None
+    # No manifest means no import finished: whatever an interrupted one left is replaced.
+    return pool_dir, import_pool([config.pool.source], pool_dir, config.pool, overwrite=True, progress=False)

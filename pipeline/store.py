@@ -16,6 +16,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+# A stage directory's summary. Names starting with "_" are skipped by Parquet dataset readers (pyarrow,
+# Ray Data), so it can sit beside the part-*.parquet files.
+MANIFEST = "_manifest.json"
+
 
 @dataclass(frozen=True)
 class Location:

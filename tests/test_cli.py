@@ -56,7 +56,7 @@ def test_check_runs_the_local_end_to_end_path(tmp_path, model_cache):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "local teacher ready" in done.stderr and "local teacher stopped" in done.stderr
     assert "imported" in done.stdout and "tokens:" in done.stdout and "completion;" in done.stdout
-    manifest = json.loads((tmp_path / "run" / "pool" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "run" / "pool" / "_manifest.json").read_text())
     assert manifest["rows_out"] >= 300
 
 

@@ -1,14 +1,16 @@
 """Request and token rate limits per endpoint, the run's budget, and usage accounting: pure logic, no I/O.
 
-The limits are paced, not windowed: each request is given the earliest start time at which both the
-requests-per-minute and the tokens-per-minute schedules have room for it (a generic cell rate
-algorithm: a theoretical arrival time per limit, advanced by 60/limit per request or per token). A
-client that starts requests at those times never exceeds either rate over any window, so the server
-has no reason to answer 429, and the full rate is used because nothing is left idle.
+The limits mirror how a paid API counts: a sliding window of the last minute, in which the requests and
+the tokens sent may not pass the limit. Each request is booked at the earliest time the window has room
+for it, so a client that starts requests at their booked times never makes the server answer 429, and
+uses the whole allowance (a fresh minute at once, then as it frees). The client's window is one second
+longer than the server's, a margin for the time a request takes to arrive.
 
-The token cost of a request is not known until it is answered: it is reserved as prompt estimate +
-max_tokens and corrected by the usage the server reports. A 429 or exhausted rate-limit headers pause
-every request until the time the server gives.
+A request's tokens are not known until it is answered: it is booked as prompt estimate + max_tokens and
+corrected to the usage the server reports. Requests are booked at most a moment ahead of their start,
+so the corrections of finished requests free room for the next ones; a request that cannot start soon
+is told when to ask again. A 429 or exhausted rate-limit headers pause every request of the endpoint
+until the time the server gives.
 
 The budget is the run's, across all its endpoints: a request is refused when its worst-case cost, added
 to what was spent and what is in flight, would pass max_cost_usd.
@@ -18,18 +20,14 @@ pass `now` so it can be tested with a made-up clock.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 from pipeline.config import PriceConfig
 
-# Requests may start this far ahead of their paced time, so concurrent workers can start together. Pacing
-# at limit × 60/(60 + burst) keeps every 60-second window at or under the limit even with that burst, so a
-# server counting a strict sliding minute never sees more than it allows, and 98.4% of the limit is used.
-# A request estimated at more than a second's worth of tokens goes when the bucket is full; since its real
-# usage (what the server counts) is usually well under the estimate, the minute stays within the limit.
-_BURST_S = 1.0
-_WINDOW_S = 60.0
+WINDOW_S = 61.0          # the server's minute, plus a second for a request to reach it
+BOOK_AHEAD_S = 1.0       # a request is booked at most this long before it may start
 
 
 class BudgetExceeded(RuntimeError):
@@ -59,11 +57,17 @@ class Usage:
 
 @dataclass(frozen=True)
 class Reservation:
-    """What one request was granted: its start time, and what it was charged before its usage was known."""
+    """A request's place in the window: its start time and what it was charged before its usage was known.
+
+    `booked` is False when the request could not start within BOOK_AHEAD_S: nothing was charged, and the
+    caller asks again shortly before `start`.
+    """
 
     start: float
     tokens: int
     worst_cost_usd: float
+    booked: bool = True
+    event_id: int = -1
 
 
 @dataclass
@@ -71,33 +75,58 @@ class EndpointLimits:
     requests_per_minute: int
     tokens_per_minute: int
     price: PriceConfig = field(default_factory=PriceConfig)
-    _next_request_at: float = 0.0       # theoretical arrival time of the request schedule
-    _next_token_at: float = 0.0         # ... of the token schedule
-    _paused_until: float = 0.0
     usage_by_stage: dict[str, Usage] = field(default_factory=dict)
+    _events: deque = field(default_factory=deque)      # [start, tokens, id] of booked requests, by start
+    _by_id: dict = field(default_factory=dict)
+    _tokens_in_window: int = 0
+    _next_id: int = 0
+    _last_start: float = float("-inf")
+    _paused_until: float = float("-inf")
+
+    def _forget_before(self, time: float) -> None:
+        while self._events and self._events[0][0] <= time - WINDOW_S:
+            _, tokens, event_id = self._events.popleft()
+            self._tokens_in_window -= tokens
+            del self._by_id[event_id]
+
+    def earliest_start(self, now: float, tokens: int) -> float:
+        """The first time at or after `now` (and every earlier booking) with room for `tokens` more."""
+        # Bookings are made in time order and `now` only grows, so older requests are out of every window to come.
+        self._forget_before(max(now, self._last_start))
+        start = max(now, self._last_start, self._paused_until)
+        count, total = len(self._events), self._tokens_in_window
+        index = 0
+        while index < len(self._events) and self._events[index][0] <= start - WINDOW_S:
+            count, total, index = count - 1, total - self._events[index][1], index + 1
+        while (count + 1 > self.requests_per_minute or total + tokens > self.tokens_per_minute) and count:
+            start = self._events[index][0] + WINDOW_S
+            while index < len(self._events) and self._events[index][0] <= start - WINDOW_S:
+                count, total, index = count - 1, total - self._events[index][1], index + 1
+        # With nothing left in the window a request bigger than the whole minute still goes, alone.
+        return start
 
     def reserve(self, now: float, tokens: int, max_completion_tokens: int) -> Reservation:
-        """Books a request of `tokens` (estimate) and returns when it may start."""
+        """Books a request of `tokens` (estimate) if it can start within BOOK_AHEAD_S."""
         worst = cost_usd(self.price, tokens - max_completion_tokens, max_completion_tokens)
-        request_interval = (_WINDOW_S + _BURST_S) / self.requests_per_minute
-        token_interval = (_WINDOW_S + _BURST_S) / self.tokens_per_minute
-        # A token bucket in time units: the request fits once the schedule, with its own cost added, is no
-        # more than the burst ahead of now. Its capacity, limit × burst/(60 + burst), plus 60 s of refill at
-        # limit × 60/(60 + burst), is exactly the limit: no 60-second window ever holds more. A request
-        # bigger than the bucket waits for it to be full rather than forever.
-        start = max(now, self._paused_until,
-                    self._next_request_at + min(request_interval - _BURST_S, 0.0),
-                    self._next_token_at + min(tokens * token_interval - _BURST_S, 0.0))
-        self._next_request_at = max(self._next_request_at, start) + request_interval
-        self._next_token_at = max(self._next_token_at, start) + tokens * token_interval
-        return Reservation(start, tokens, worst)
+        start = self.earliest_start(now, tokens)
+        if start - now > BOOK_AHEAD_S:
+            return Reservation(start, 0, 0.0, booked=False)
+        event_id, self._next_id = self._next_id, self._next_id + 1
+        event = [start, tokens, event_id]
+        self._events.append(event)
+        self._by_id[event_id] = event
+        self._tokens_in_window += tokens
+        self._last_start = start
+        return Reservation(start, tokens, worst, True, event_id)
 
     def settle(self, reservation: Reservation, stage: str, prompt_tokens: int, completion_tokens: int,
                ok: bool, rate_limited: bool = False) -> None:
-        """Replaces a reservation by what the request really used (0 tokens when it failed unanswered)."""
+        """Replaces a booking's estimate by what the request really used (0 tokens when it failed unanswered)."""
         used = prompt_tokens + completion_tokens
-        # Tokens reserved but not used are handed back to the schedule (or, if more were used, taken).
-        self._next_token_at -= (reservation.tokens - used) * (_WINDOW_S + _BURST_S) / self.tokens_per_minute
+        event = self._by_id.get(reservation.event_id)
+        if event is not None:
+            self._tokens_in_window += used - event[1]
+            event[1] = used
         usage = self.usage_by_stage.setdefault(stage, Usage())
         usage.requests += 1
         usage.failed_requests += 0 if ok else 1
@@ -107,11 +136,8 @@ class EndpointLimits:
         usage.cost_usd += cost_usd(self.price, prompt_tokens, completion_tokens)
 
     def pause_until(self, until: float) -> None:
-        """Holds every request until `until` (a 429's Retry-After, or exhausted rate-limit headers)."""
+        """Holds every request not yet booked until `until` (a 429's Retry-After, or exhausted headers)."""
         self._paused_until = max(self._paused_until, until)
-        # Requests paced before the pause would all fire at its end: restart the schedules from there.
-        self._next_request_at = max(self._next_request_at, until)
-        self._next_token_at = max(self._next_token_at, until)
 
 
 @dataclass

@@ -6,16 +6,28 @@ so workers on other nodes need no synchronised clocks; a lease costs one actor c
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from typing import Optional, Protocol
+from typing import Awaitable, Callable, Optional, Protocol
 
 from pipeline.config import EndpointConfig
-from pipeline.llm.limits import Reservation, RunLimits
+from pipeline.llm.limits import BOOK_AHEAD_S, Reservation, RunLimits
 
 
 def endpoint_key(endpoint: EndpointConfig) -> str:
     """Endpoints that share a URL and model share their limits (a judge that is the teacher, say)."""
     return f"{endpoint.base_url or 'local'}|{endpoint.served_model}"
+
+
+async def _lease(try_reserve: Callable[[], Awaitable[tuple[float, Reservation]]]) -> Reservation:
+    """Asks for a booking until one is made, then waits for its start. `try_reserve` gives (delay, reservation)."""
+    while True:
+        delay, reservation = await try_reserve()
+        if reservation.booked:
+            await asyncio.sleep(max(0.0, delay))
+            return reservation
+        # Spread the callers that wait for the same moment, so they do not all ask at once.
+        await asyncio.sleep(max(0.01, delay - BOOK_AHEAD_S) + random.uniform(0, BOOK_AHEAD_S / 2))
 
 
 class Limits(Protocol):
@@ -33,9 +45,11 @@ class LocalLimits:
         self.limits = limits
 
     async def reserve(self, endpoint: str, tokens: int, max_completion_tokens: int) -> Reservation:
-        reservation = self.limits.reserve(endpoint, time.monotonic(), tokens, max_completion_tokens)
-        await asyncio.sleep(max(0.0, reservation.start - time.monotonic()))
-        return reservation
+        async def attempt() -> tuple[float, Reservation]:
+            now = time.monotonic()
+            reservation = self.limits.reserve(endpoint, now, tokens, max_completion_tokens)
+            return reservation.start - now, reservation
+        return await _lease(attempt)
 
     async def settle(self, endpoint, reservation, stage, prompt_tokens, completion_tokens, ok,
                      rate_limited=False) -> None:
@@ -79,9 +93,7 @@ class RayLimits:
         self.actor = actor
 
     async def reserve(self, endpoint: str, tokens: int, max_completion_tokens: int) -> Reservation:
-        delay, reservation = await self.actor.reserve.remote(endpoint, tokens, max_completion_tokens)
-        await asyncio.sleep(max(0.0, delay))
-        return reservation
+        return await _lease(lambda: self.actor.reserve.remote(endpoint, tokens, max_completion_tokens))
 
     async def settle(self, endpoint, reservation, stage, prompt_tokens, completion_tokens, ok,
                      rate_limited=False) -> None:

@@ -1,0 +1,114 @@
+"""The task classifier's three commands: teacher-label a sample, train on it, apply it to the pool."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from pipeline import store
+from pipeline.config import RunConfig
+from pipeline.llm.endpoint import open_endpoint
+from pipeline.llm.judge import request_text
+from pipeline.models import resolve_model
+from pipeline.pool import ensure_pool, read_pool
+from pipeline.task_labels import LabelSummary, label_sample, labels_location, read_labels
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(config: RunConfig) -> store.Location:
+    return store.locate(config.storage.run_dir, config.storage.s3_endpoint_url)
+
+
+def classifier_dir(config: RunConfig) -> Path:
+    location = run_dir(config).child("classifier", "model")
+    if not location.is_local:
+        raise ValueError(f"{location.uri}: the classifier model directory must be on a local or shared file system")
+    return Path(location.path)
+
+
+def label(config: RunConfig, progress: bool = True) -> LabelSummary:
+    pool_dir, _ = ensure_pool(config)
+    pool = read_pool(pool_dir)
+    with open_endpoint(config.teacher, config.storage.cache_dir) as endpoint:
+        return asyncio.run(label_sample(config, endpoint, pool, progress))
+
+
+def train(config: RunConfig) -> dict:
+    from training import TrainingDataError
+    from training.classifier import train_classifier
+
+    labels = read_labels(labels_location(config))
+    usable = labels.filter(pc.equal(labels.column("status"), "ok"))    # an id is labelled ok at most once
+    if usable.num_rows == 0:
+        raise TrainingDataError(f"{labels_location(config).uri}: no teacher labels to train on; "
+                                "run `tapir classifier label` first")
+    texts = [request_text(i, x or "") for i, x in zip(usable.column("instruction").to_pylist(),
+                                                       usable.column("input").to_pylist())]
+    backbone = resolve_model(config.classifier.backbone, config.storage.cache_dir)
+    return train_classifier(texts, usable.column("task").to_pylist(), list(config.curriculum.task_targets),
+                            backbone, config.classifier, classifier_dir(config), seed=config.curriculum.seed)
+
+
+def apply(config: RunConfig, round_index: int = 0) -> dict:
+    """Labels the whole pool with the classifier on Ray Data; writes run/round_R/classify/."""
+    import ray.data
+
+    from pipeline.ray_runtime import init_ray
+    from pipeline.stages.classify import classify
+
+    model_dir = classifier_dir(config)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: no trained classifier; run `tapir classifier train` first")
+    pool_dir, _ = ensure_pool(config)
+    out = run_dir(config).child(f"round_{round_index}", "classify")
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        endpoint = None
+        if config.classifier.teacher_relabels_low_confidence:
+            endpoint = stack.enter_context(open_endpoint(config.teacher, config.storage.cache_dir))
+            # Ray workers read the key from the environment they inherit, so it is set before Ray starts;
+            # it never travels as a task argument.
+            os.environ[config.teacher.api_key_env] = endpoint.api_key.reveal()
+        init_ray(config.ray)
+        dataset = classify(ray.data.read_parquet(_ray_path(pool_dir), file_extensions=["parquet"]),
+                           str(model_dir), config.classifier)
+        if endpoint is not None:
+            dataset = _relabel(dataset, config, endpoint)
+        dataset.write_parquet(_ray_path(out), mode="overwrite")
+    written = ray.data.read_parquet(_ray_path(out), file_extensions=["parquet"])
+    tasks = Counter(written.select_columns(["task"]).to_pandas()["task"])
+    confidences = written.select_columns(["task_confidence"]).to_pandas()["task_confidence"]
+    summary = {"stage": "classify", "rows_in": read_pool(pool_dir).num_rows, "rows_out": int(sum(tasks.values())),
+               "task_counts": dict(tasks.most_common()), "mean_confidence": float(confidences.mean()),
+               "below_threshold": int((confidences < config.classifier.confidence_threshold).sum()),
+               "wall_s": round(time.perf_counter() - started, 2)}
+    store.write_json(out, store.MANIFEST, summary)
+    return summary
+
+
+def _ray_path(location: store.Location) -> str:
+    return location.path if location.is_local else location.uri
+
+
+def _relabel(dataset, config: RunConfig, endpoint):
+    import ray.data
+
+    from pipeline.llm.shared_limits import shared_limits
+    from pipeline.stages.relabel import TeacherRelabel
+
+    limits = shared_limits(Path(config.storage.run_dir).name, [config.teacher], config.max_cost_usd,
+                           config.ray.namespace)
+    return dataset.map_batches(
+        TeacherRelabel, fn_constructor_kwargs={
+            "endpoint": config.teacher, "base_url": endpoint.base_url, "model": endpoint.model, "limits": limits,
+            "categories": list(config.curriculum.task_targets),
+            "threshold": config.classifier.confidence_threshold},
+        batch_size=config.classifier.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1))

@@ -1,0 +1,57 @@
+"""The classify stage: the fine-tuned task classifier labels every row with a task and a confidence."""
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from pipeline.config import ClassifierConfig
+from pipeline.llm.judge import request_text
+
+REQUIRED_COLUMNS = ("id", "instruction", "input")
+
+
+def check_columns(batch: pa.Table, required: tuple[str, ...], stage: str) -> None:
+    missing = [c for c in required if c not in batch.column_names]
+    if missing:
+        raise ValueError(f"stage '{stage}' needs column(s) {', '.join(missing)}; the batch has "
+                         f"{', '.join(batch.column_names)}")
+
+
+class TaskClassifier:
+    """Ray Data callable class: `ds.map_batches(TaskClassifier, fn_constructor_kwargs=..., batch_format="pyarrow")`.
+
+    Adds `task` (the most likely category) and `task_confidence` (its probability); one row out per row in.
+    """
+
+    def __init__(self, model_dir: str, max_len: int, device: str = "cpu"):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
+        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.max_len = max_len
+        self.device = device
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        check_columns(batch, REQUIRED_COLUMNS, "classify")
+        texts = [request_text(i, x or "") for i, x in zip(batch.column("instruction").to_pylist(),
+                                                             batch.column("input").to_pylist())]
+        with torch.inference_mode():
+            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_len, padding=True,
+                                     return_tensors="pt").to(self.device)
+            probs = torch.softmax(self.model(**encoded).logits.float(), dim=-1)
+            confidence, index = probs.max(dim=-1)
+        tasks = [self.labels[i] for i in index.tolist()]
+        batch = batch.drop_columns([c for c in ("task", "task_confidence") if c in batch.column_names])
+        return batch.append_column("task", pa.array(tasks, pa.string())).append_column(
+            "task_confidence", pa.array(confidence.cpu().numpy(), pa.float32()))
+
+
+def classify(dataset, model_dir: str, config: ClassifierConfig):
+    """The stage applied to a Ray dataset with the config's actor pool, batch size and devices."""
+    import ray.data
+
+    return dataset.map_batches(
+        TaskClassifier, fn_constructor_kwargs={"model_dir": model_dir, "max_len": config.train.max_len,
+                                               "device": "cuda" if config.num_gpus_per_actor else "cpu"},
+        batch_size=config.batch_size, batch_format="pyarrow", num_gpus=config.num_gpus_per_actor or None,
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors))

@@ -1,0 +1,55 @@
+"""The relabel stage: rows the classifier is unsure of (confidence under the threshold) get the teacher's label.
+
+Rows at or above the threshold pass through untouched, with no call. A row the teacher cannot label keeps
+the classifier's label, and `task_error` says why.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import pyarrow as pa
+
+from pipeline.config import EndpointConfig
+from pipeline.llm.client import ChatClient, RequestFailed
+from pipeline.llm.judge import label_task
+from pipeline.llm.secret import secret_from_env
+from pipeline.stages.classify import check_columns
+
+REQUIRED_COLUMNS = ("instruction", "input", "task", "task_confidence")
+
+
+class TeacherRelabel:
+    """Async Ray Data callable class; the client is opened inside the actor's event loop on first use."""
+
+    def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits, categories: list[str],
+                 threshold: float):
+        self.endpoint, self.base_url, self.model, self.limits = endpoint, base_url, model, limits
+        self.categories, self.threshold = categories, threshold
+        self.client: Optional[ChatClient] = None
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        check_columns(batch, REQUIRED_COLUMNS, "relabel")
+        if self.client is None:
+            self.client = await ChatClient(self.endpoint, self.base_url,
+                                           secret_from_env(self.endpoint.api_key_env, "teacher"), self.limits,
+                                           self.model).__aenter__()
+        rows = batch.to_pylist()
+        unsure = [r for r in rows if r["task_confidence"] < self.threshold]
+        answers = await asyncio.gather(*(label_task(self.client, r["instruction"], r["input"] or "", self.categories,
+                                                    stage="relabel") for r in unsure))
+        by_id = {id(r): a for r, a in zip(unsure, answers)}
+        tasks, sources, errors = [], [], []
+        for row in rows:
+            answer = by_id.get(id(row))
+            task, source, error = row["task"], "classifier", None
+            if isinstance(answer, RequestFailed):
+                error = f"{answer.reason}: {answer.detail}"
+            elif answer is not None:
+                task, source = answer, "teacher"
+            tasks.append(task)
+            sources.append(source)
+            errors.append(error)
+        batch = batch.set_column(batch.column_names.index("task"), "task", pa.array(tasks, pa.string()))
+        return batch.append_column("task_source", pa.array(sources, pa.string())).append_column(
+            "task_error", pa.array(errors, pa.string()))
