@@ -48,6 +48,15 @@ def test_tokens_never_pass_the_tpm_and_unused_tokens_are_handed_back():
     assert 0.97 * 6000 <= tokens <= 6000   # the refund lets the real usage, not the estimate, fill the minute
 
 
+def test_booking_times_that_do_not_round_trip_in_floating_point_still_move_on():
+    limits = EndpointLimits(requests_per_minute=2, tokens_per_minute=10**9)
+    now = 103.89100470071521            # (now + 61) - 61 < now: a window edge that never compares equal
+    first, now = book(limits, now, 1, 1)
+    second, now = book(limits, now, 1, 1)
+    third, _ = book(limits, now, 1, 1)
+    assert third.start == pytest.approx(first.start + 61.0)
+
+
 def test_a_pause_holds_every_request_until_it_ends():
     limits = EndpointLimits(requests_per_minute=6000, tokens_per_minute=10**9)
     limits.pause_until(30.0)

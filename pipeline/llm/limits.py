@@ -99,8 +99,11 @@ class EndpointLimits:
         while index < len(self._events) and self._events[index][0] <= start - WINDOW_S:
             count, total, index = count - 1, total - self._events[index][1], index + 1
         while (count + 1 > self.requests_per_minute or total + tokens > self.tokens_per_minute) and count:
-            start = self._events[index][0] + WINDOW_S
-            while index < len(self._events) and self._events[index][0] <= start - WINDOW_S:
+            # Wait for the oldest booking in the window to leave it, with any others that leave at once.
+            # (Counted by position: `time + WINDOW_S - WINDOW_S` need not equal `time` in floating point.)
+            leaves_at = self._events[index][0]
+            start = leaves_at + WINDOW_S
+            while index < len(self._events) and self._events[index][0] <= leaves_at:
                 count, total, index = count - 1, total - self._events[index][1], index + 1
         # With nothing left in the window a request bigger than the whole minute still goes, alone.
         return start
