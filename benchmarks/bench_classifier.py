@@ -7,6 +7,7 @@
    calling the same TaskClassifier directly on the same batches with as many torch threads.
 
     .venv/bin/python benchmarks/bench_classifier.py --alpaca ../shared/data/alpaca_dev_4000.jsonl
+    .venv/bin/python benchmarks/bench_classifier.py --throughput-only run/classifier/model
 """
 from __future__ import annotations
 
@@ -88,16 +89,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--alpaca", type=Path, default=Path("../shared/data/alpaca_dev_4000.jsonl"))
     parser.add_argument("--label-rows", type=int, default=600)
+    parser.add_argument("--throughput-only", type=Path, metavar="MODEL_DIR",
+                        help="measure only the stage's throughput, with this trained classifier")
     args = parser.parse_args()
+    report = {"machine": f"{platform.node()} {platform.machine()}"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        report = {"machine": f"{platform.node()} {platform.machine()}", "agreement": agreement(args.alpaca,
-                                                                                              args.label_rows, work)}
-        model_dir = work / "run" / "classifier" / "model"
+        if args.throughput_only:
+            model_dir = args.throughput_only
+        else:
+            report["agreement"] = agreement(args.alpaca, args.label_rows, work)
+            model_dir = work / "run" / "classifier" / "model"
+            keep = Path("docs") / "classifier-confusion-alpaca.png"
+            keep.write_bytes(Path(report["agreement"]["confusion_png"]).read_bytes())
+            report["agreement"]["confusion_png"] = str(keep)
         report["throughput"] = throughput(model_dir, args.alpaca, work)
-        keep = Path("docs") / "classifier-confusion-alpaca.png"
-        keep.write_bytes(Path(report["agreement"]["confusion_png"]).read_bytes())
-        report["agreement"]["confusion_png"] = str(keep)
     print(json.dumps(report, indent=2))
 
 

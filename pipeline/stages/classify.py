@@ -50,7 +50,9 @@ def classify(dataset, model_dir: str, config: ClassifierConfig):
     """The stage applied to a Ray dataset with the config's actor pool, batch size and devices."""
     import ray.data
 
-    return dataset.map_batches(
+    # Blocks of one batch each, so every actor of the pool gets work even when the reader coalesced the
+    # pool's shards into a few large blocks (streaming: nothing is materialised).
+    return dataset.repartition(target_num_rows_per_block=config.batch_size).map_batches(
         TaskClassifier, fn_constructor_kwargs={"model_dir": model_dir, "max_len": config.train.max_len,
                                                "device": "cuda" if config.num_gpus_per_actor else "cpu"},
         batch_size=config.batch_size, batch_format="pyarrow", num_gpus=config.num_gpus_per_actor or None,
