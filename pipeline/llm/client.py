@@ -74,14 +74,19 @@ def estimate_prompt_tokens(messages: list[dict]) -> int:
     return sum(len(str(m.get("content", ""))) // _CHARS_PER_TOKEN + 4 for m in messages) + 2
 
 
+def _plain_seconds(value: str) -> Optional[float]:
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
 def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
     """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
     if not value:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if (seconds := _plain_seconds(value)) is not None:
+        return seconds
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -97,10 +102,8 @@ def parse_reset(value: Optional[str]) -> Optional[float]:
     """Seconds from an x-ratelimit-reset-* header: '20ms', '1s', '6m0s', or a plain number of seconds."""
     if not value:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if (seconds := _plain_seconds(value)) is not None:
+        return seconds
     parts = _DURATION.findall(value)
     return sum(float(n) * _UNIT_S[unit] for n, unit in parts) if parts else None
 
