@@ -1,0 +1,72 @@
+"""The student stage: one vLLM engine per actor answers every instruction with the student's chat template.
+
+Our own callable class over `vllm.LLM`, not `ray.data.llm`: the latter asks for a GPU per engine and
+waits forever on a CPU-only cluster. The engine is created in `__init__` (inside the Ray actor: vLLM
+starts its own processes, which needs a real process boundary), and each batch is one `llm.chat` call,
+so vLLM batches the whole Ray batch. A row whose prompt leaves no room for `max_tokens` in the model's
+context is marked `too_long` and not sent.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import StudentConfig
+from pipeline.llm.judge import request_text
+from pipeline.stages.classify import check_columns
+
+REQUIRED_COLUMNS = ("id", "instruction", "input")
+OUTPUT_COLUMNS = ("student_response", "student_tokens", "student_status", "student_error")
+
+
+def engine_kwargs(config: StudentConfig, model_dir: str) -> dict[str, Any]:
+    engine = config.engine
+    kwargs = {"model": model_dir, "max_model_len": engine.max_model_len, "dtype": engine.dtype,
+              "enforce_eager": engine.enforce_eager, "tensor_parallel_size": engine.tensor_parallel_size,
+              "seed": config.sampling.seed or 0, **engine.extra_args}
+    if engine.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    return kwargs
+
+
+class StudentGenerator:
+    """Ray Data callable class: adds the student's answer (and its token count and status) to every row."""
+
+    def __init__(self, config: StudentConfig, model_dir: str):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.kv_cache_space_gib))
+        from vllm import LLM, SamplingParams
+
+        self.llm = LLM(**engine_kwargs(config, model_dir))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.sampling = SamplingParams(temperature=config.sampling.temperature, top_p=config.sampling.top_p,
+                                       max_tokens=config.sampling.max_tokens, seed=config.sampling.seed)
+        self.prompt_budget = config.engine.max_model_len - config.sampling.max_tokens
+
+    def _conversation(self, instruction: str, input_text: str) -> list[dict]:
+        return [{"role": "user", "content": request_text(instruction, input_text or "")}]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        check_columns(batch, REQUIRED_COLUMNS, "student")
+        conversations = [self._conversation(i, x) for i, x in zip(batch.column("instruction").to_pylist(),
+                                                                   batch.column("input").to_pylist())]
+        lengths = [len(self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False)) for c in conversations]
+        fits = [n <= self.prompt_budget for n in lengths]
+        outputs = iter(self.llm.chat([c for c, ok in zip(conversations, fits) if ok], self.sampling,
+                                     use_tqdm=False) if any(fits) else [])
+        columns: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
+        for ok, length in zip(fits, lengths):
+            if ok:
+                completion = next(outputs).outputs[0]
+                row = (completion.text, len(completion.token_ids), "ok", None)
+            else:
+                row = (None, 0, "too_long", f"prompt of {length} tokens leaves no room for {self.sampling.max_tokens} "
+                       f"new tokens in max_model_len {self.prompt_budget + self.sampling.max_tokens}")
+            for name, value in zip(OUTPUT_COLUMNS, row):
+                columns[name].append(value)
+        batch = batch.drop_columns([c for c in OUTPUT_COLUMNS if c in batch.column_names])
+        for name, kind in zip(OUTPUT_COLUMNS, (pa.string(), pa.int32(), pa.string(), pa.string())):
+            batch = batch.append_column(name, pa.array(columns[name], kind))
+        return batch
