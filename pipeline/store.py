@@ -97,8 +97,3 @@ def write_text(location: Location, name: str, text: str) -> str:
 
 def write_json(location: Location, name: str, data: Any) -> str:
     return write_text(location, name, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def read_json(location: Location, name: str) -> Any:
-    with location.fs.open_input_stream(f"{location.path.rstrip('/')}/{name}") as stream:
-        return json.loads(stream.read().decode("utf-8"))
