@@ -8,12 +8,13 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import pyarrow.compute as pc
 
 from pipeline import store
-from pipeline.config import RunConfig
-from pipeline.llm.endpoint import open_endpoint
+from pipeline.config import EndpointConfig, RunConfig
+from pipeline.llm.endpoint import OpenEndpoint, open_endpoint
 from pipeline.llm.judge import request_text
 from pipeline.models import resolve_model
 from pipeline.pool import ensure_pool, read_pool
@@ -40,6 +41,17 @@ def label(config: RunConfig, progress: bool = True) -> LabelSummary:
         return asyncio.run(label_sample(config, endpoint, pool, progress))
 
 
+def ensure_classifier(config: RunConfig, endpoint: OpenEndpoint, progress: bool = True) -> Path:
+    """The trained classifier's directory; without one, the teacher labels a sample and it is trained now."""
+    model_dir = classifier_dir(config)
+    if not (model_dir / "config.json").exists():
+        log.info("no trained task classifier in %s: labelling a sample with the teacher and training it", model_dir)
+        pool_dir, _ = ensure_pool(config)
+        asyncio.run(label_sample(config, endpoint, read_pool(pool_dir), progress))
+        train(config)
+    return model_dir
+
+
 def train(config: RunConfig) -> dict:
     from training import TrainingDataError
     from training.classifier import train_classifier
@@ -61,7 +73,6 @@ def apply(config: RunConfig, round_index: int = 0) -> dict:
     import ray.data
 
     from pipeline.ray_runtime import init_ray
-    from pipeline.stages.classify import classify
 
     model_dir = classifier_dir(config)
     if not (model_dir / "config.json").exists():
@@ -73,16 +84,11 @@ def apply(config: RunConfig, round_index: int = 0) -> dict:
         endpoint = None
         if config.classifier.teacher_relabels_low_confidence:
             endpoint = stack.enter_context(open_endpoint(config.teacher, config.storage.cache_dir))
-            # Ray workers read the key from the environment they inherit, so it is set before Ray starts;
-            # it never travels as a task argument.
-            os.environ[config.teacher.api_key_env] = endpoint.api_key.reveal()
+            export_key(config.teacher, endpoint)
         init_ray(config.ray)
-        dataset = classify(ray.data.read_parquet(_ray_path(pool_dir), file_extensions=["parquet"]),
-                           str(model_dir), config.classifier)
-        if endpoint is not None:
-            dataset = _relabel(dataset, config, endpoint)
-        dataset.write_parquet(_ray_path(out), mode="overwrite")
-    written = ray.data.read_parquet(_ray_path(out), file_extensions=["parquet"])
+        pool = ray.data.read_parquet(pool_dir.path, filesystem=pool_dir.fs, file_extensions=["parquet"])
+        classified(pool, config, model_dir, endpoint).write_parquet(out.path, filesystem=out.fs, mode="overwrite")
+    written = ray.data.read_parquet(out.path, filesystem=out.fs, file_extensions=["parquet"])
     tasks = Counter(written.select_columns(["task"]).to_pandas()["task"])
     confidences = written.select_columns(["task_confidence"]).to_pandas()["task_confidence"]
     summary = {"stage": "classify", "rows_in": read_pool(pool_dir).num_rows, "rows_out": int(sum(tasks.values())),
@@ -93,22 +99,32 @@ def apply(config: RunConfig, round_index: int = 0) -> dict:
     return summary
 
 
-def _ray_path(location: store.Location) -> str:
-    return location.path if location.is_local else location.uri
+def export_key(endpoint_config: EndpointConfig, endpoint: OpenEndpoint) -> None:
+    """Ray workers read the key from the environment they inherit, so it is set before Ray starts; it never
+    travels as a task argument."""
+    os.environ[endpoint_config.api_key_env] = endpoint.api_key.reveal()
+
+
+def classified(dataset, config: RunConfig, model_dir: Path, teacher: Optional[OpenEndpoint]):
+    """The classify stage (and the teacher's relabelling of unsure rows, when configured) on a dataset."""
+    from pipeline.stages.classify import classify
+
+    dataset = classify(dataset, str(model_dir), config.classifier)
+    return _relabel(dataset, config, teacher) if config.classifier.teacher_relabels_low_confidence else dataset
 
 
 def _relabel(dataset, config: RunConfig, endpoint):
     import ray.data
 
-    from pipeline.llm.shared_limits import shared_limits
+    from pipeline.ray_runtime import run_limits
+    from pipeline.stages.endpoint_stage import ENDPOINT_ACTOR_CPUS
     from pipeline.stages.relabel import TeacherRelabel
 
-    limits = shared_limits(Path(config.storage.run_dir).name, [config.teacher], config.max_cost_usd,
-                           config.ray.namespace)
+    limits = run_limits(config)
     return dataset.map_batches(
         TeacherRelabel, fn_constructor_kwargs={
             "endpoint": config.teacher, "base_url": endpoint.base_url, "model": endpoint.model, "limits": limits,
             "categories": list(config.curriculum.task_targets),
             "threshold": config.classifier.confidence_threshold},
         batch_size=config.classifier.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1))
+        num_cpus=ENDPOINT_ACTOR_CPUS, compute=ray.data.ActorPoolStrategy(size=config.scoring.actors_per_stage))

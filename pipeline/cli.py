@@ -36,6 +36,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _config(path: Optional[str]) -> RunConfig:
     return load_config(path or bundled_config_path())
 
@@ -165,6 +172,15 @@ def cmd_classifier_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline import scoring
+
+    config = _config(args.config)
+    summary = scoring.score(config, args.round, progress=sys.stderr.isatty())
+    print(scoring.format_summary(summary, scoring.score_location(config, args.round).uri))
+    return 0 if summary["complete"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tapir", description="TAPIR curriculum distillation on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -213,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(run=run)
         if name == "apply":
             command.add_argument("--round", type=int, default=0, help="round whose classify/ to write")
+
+    score = commands.add_parser("score", help="score the pool for a round: classify, student, teacher, judge → MFD")
+    score.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+    score.add_argument("--round", type=_non_negative_int, default=0, help="round to score (default 0)")
+    score.set_defaults(run=cmd_score)
 
     check = commands.add_parser("check", help="models, pool, local teacher and one chat completion, end to end")
     check.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")

@@ -203,6 +203,18 @@ class CurriculumConfig(Section):
         return {name: share / total for name, share in targets.items()}
 
 
+class ScoringConfig(Section):
+    """The scoring round's endpoint stages: the teacher's answers and the pairwise judge."""
+
+    teacher_max_tokens: int = Field(512, gt=0, description="Longest answer the teacher writes for a row.")
+    teacher_temperature: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, gt=0, description="Rows per batch of the teacher and judge stages.")
+    actors_per_stage: int = Field(1, gt=0, description=(
+        "Actors of each endpoint stage; every actor has its own HTTP session, all share the run's limits."))
+    batches_in_flight_per_actor: int = Field(4, gt=0, description=(
+        "Batches an endpoint actor works on at once, so one slow answer does not hold the stage."))
+
+
 class TrainingConfig(Section):
     epochs: int = Field(3, gt=0, description="Lion: 3.")
     learning_rate: float = Field(2e-5, gt=0, description="Lion: 2e-5.")
@@ -235,6 +247,7 @@ class RunConfig(Section):
     judge: Optional[EndpointConfig] = Field(None, description="Defaults to the teacher.")
     classifier: ClassifierConfig = ClassifierConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
+    scoring: ScoringConfig = ScoringConfig()
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
     max_cost_usd: Optional[float] = Field(None, gt=0, description=(

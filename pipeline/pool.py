@@ -360,12 +360,34 @@ def import_pool(sources: list[str], out: store.Location, pool: PoolConfig,
     return summary
 
 
-def read_pool(location: store.Location) -> pa.Table:
-    """Reads an imported pool back (small pools and tests; stages stream it with Ray Data)."""
+def pool_shards(location: store.Location) -> list[str]:
     files = [p for p in location.list_files(".parquet") if p.rsplit("/", 1)[-1].startswith("part-")]
     if not files:
         raise PoolImportError(f"{location.uri}: no pool shards (part-*.parquet); run `tapir pool import` first")
-    return pa.concat_tables(pq.read_table(p, filesystem=location.fs) for p in files)
+    return files
+
+
+def read_pool(location: store.Location) -> pa.Table:
+    """Reads an imported pool back (small pools and tests; stages stream it with Ray Data)."""
+    return pa.concat_tables(pq.read_table(p, filesystem=location.fs) for p in pool_shards(location))
+
+
+def check_shards(location: store.Location, required: tuple[str, ...] = POOL_COLUMNS) -> int:
+    """Rows in the pool, after checking every shard's footer: an unreadable shard, a shard without a
+    required column or a pool without rows stops here, naming the shard, before any work is started."""
+    rows = 0
+    for path in pool_shards(location):
+        try:
+            metadata = pq.read_metadata(path, filesystem=location.fs)
+        except (OSError, pa.ArrowException) as err:
+            raise PoolImportError(f"{path}: unreadable pool shard ({err})") from None
+        missing = [c for c in required if c not in metadata.schema.names]
+        if missing:
+            raise PoolImportError(f"{path}: pool shard lacks column(s) {', '.join(missing)}")
+        rows += metadata.num_rows
+    if rows == 0:
+        raise PoolImportError(f"{location.uri}: the pool is empty (its shards hold no rows)")
+    return rows
 
 
 def ensure_pool(config: RunConfig) -> tuple[store.Location, Optional[ImportSummary]]:

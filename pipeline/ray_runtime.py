@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import logging
+import os
 
-from pipeline.config import RayConfig
+from pipeline.config import RayConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
 
-def init_ray(config: RayConfig) -> None:
+def init_ray(config: RayConfig, min_cpus: int = 1) -> None:
+    """`min_cpus`: logical CPUs the job cannot run with less of. Ray Data actors hold their CPU for the whole
+    job, and a read or write task that finds none left waits forever; a local Ray is given at least this many
+    (logical CPUs are scheduling slots: a laptop's cores are shared anyway)."""
     import ray
 
     if ray.is_initialized():
@@ -16,5 +20,19 @@ def init_ray(config: RayConfig) -> None:
     if config.address:
         ray.init(address=config.address, namespace=config.namespace)
     else:
-        ray.init(num_cpus=config.num_cpus, namespace=config.namespace, include_dashboard=False)
+        num_cpus = max(config.num_cpus or os.cpu_count() or 1, min_cpus)
+        if config.num_cpus and num_cpus > config.num_cpus:
+            log.info("local Ray gets %d logical CPUs, not ray.num_cpus=%d: the job's actors hold %d and its "
+                     "read and write tasks need more", num_cpus, config.num_cpus, min_cpus - 2)
+        ray.init(num_cpus=num_cpus, namespace=config.namespace, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def run_limits(config: RunConfig):
+    """The run's cluster-wide rate limits and budget (a named actor), with the teacher and judge registered."""
+    from pathlib import Path
+
+    from pipeline.llm.shared_limits import shared_limits
+
+    return shared_limits(Path(config.storage.run_dir).name, [config.teacher, config.effective_judge],
+                         config.max_cost_usd, config.ray.namespace)

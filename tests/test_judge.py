@@ -60,7 +60,8 @@ def test_judging_both_orders_cancels_position_bias_and_gives_mfd():
             return await with_client(api, lambda c: judge_pair(c, "Explain tides.", "", "TEACHER says", "STUDENT says"))
 
     scores = asyncio.run(scenario())
-    assert scores == PairScores(teacher_score=8.5, student_score=4.5, mfd=4.0)
+    assert (scores.teacher_score, scores.student_score, scores.mfd) == (8.5, 4.5, 4.0)
+    assert scores.prompt_tokens > 0 and scores.completion_tokens > 0     # both calls' usage, for cost
 
 
 def test_an_unreadable_judgement_marks_the_row_and_keeps_the_text():

@@ -45,6 +45,8 @@ class PairScores:
     teacher_score: float      # mean of the teacher's scores in the two orders
     student_score: float
     mfd: float                # model fitting difficulty: teacher_score - student_score
+    prompt_tokens: int = 0    # usage of both judge calls together
+    completion_tokens: int = 0
 
 
 def judge_request(request: str, answer_1: str, answer_2: str, stage: str) -> ChatRequest:
@@ -102,7 +104,8 @@ async def judge_pair(client: ChatClient, instruction: str, input_text: str, teac
         return RequestFailed("unparseable", f"{err}: {texts}", max(r.attempts for r in replies))
     teacher = (teacher_first[0] + student_first[1]) / 2
     student = (teacher_first[1] + student_first[0]) / 2
-    return PairScores(teacher, student, teacher - student)
+    return PairScores(teacher, student, teacher - student, sum(r.prompt_tokens for r in replies),
+                      sum(r.completion_tokens for r in replies))
 
 
 def label_schema(categories: list[str]) -> dict:

@@ -7,6 +7,7 @@ the model does not load or the process dies. The key reaches the server through 
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -29,6 +30,14 @@ log = logging.getLogger(__name__)
 _POLL_S = 1.0
 _STOP_GRACE_S = 30.0
 _LOG_TAIL_LINES = 25
+_PR_SET_PDEATHSIG = 1    # prctl option, <linux/prctl.h>
+
+
+def _stop_when_parent_dies() -> None:
+    """Runs in the server's process before exec: SIGTERM when we die, even by SIGKILL, so a killed run
+    leaves no teacher behind holding memory and a port (Linux only; elsewhere stop() is the only way)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class TeacherServerError(RuntimeError):
@@ -116,7 +125,8 @@ class LocalTeacherServer:
         with open(self.log_path, "ab") as log_file:
             # A session of its own: Ctrl-C in the terminal reaches only us, and stop() can end the whole group.
             self._process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             preexec_fn=_stop_when_parent_dies)
         try:
             self._wait_until_ready()
         except BaseException:

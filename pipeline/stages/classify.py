@@ -7,15 +7,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import ClassifierConfig
 from pipeline.llm.judge import request_text
+from pipeline.stages.columns import check_columns, with_columns
 
 REQUIRED_COLUMNS = ("id", "instruction", "input")
-
-
-def check_columns(batch: pa.Table, required: tuple[str, ...], stage: str) -> None:
-    missing = [c for c in required if c not in batch.column_names]
-    if missing:
-        raise ValueError(f"stage '{stage}' needs column(s) {', '.join(missing)}; the batch has "
-                         f"{', '.join(batch.column_names)}")
 
 
 class TaskClassifier:
@@ -41,9 +35,8 @@ class TaskClassifier:
             probs = torch.softmax(self.model(**encoded).logits.float(), dim=-1)
             confidence, index = probs.max(dim=-1)
         tasks = [self.labels[i] for i in index.tolist()]
-        batch = batch.drop_columns([c for c in ("task", "task_confidence") if c in batch.column_names])
-        return batch.append_column("task", pa.array(tasks, pa.string())).append_column(
-            "task_confidence", pa.array(confidence.cpu().numpy(), pa.float32()))
+        return with_columns(batch, {"task": pa.array(tasks, pa.string()),
+                                    "task_confidence": pa.array(confidence.cpu().numpy(), pa.float32())})
 
 
 def classify(dataset, model_dir: str, config: ClassifierConfig):

@@ -6,37 +6,32 @@ the classifier's label, and `task_error` says why.
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
 
 import pyarrow as pa
 
 from pipeline.config import EndpointConfig
-from pipeline.llm.client import ChatClient, RequestFailed
+from pipeline.llm.client import RequestFailed
 from pipeline.llm.judge import label_task
-from pipeline.llm.secret import secret_from_env
-from pipeline.stages.classify import check_columns
+from pipeline.stages.columns import check_columns
+from pipeline.stages.endpoint_stage import EndpointStage
 
 REQUIRED_COLUMNS = ("instruction", "input", "task", "task_confidence")
 
 
-class TeacherRelabel:
-    """Async Ray Data callable class; the client is opened inside the actor's event loop on first use."""
+class TeacherRelabel(EndpointStage):
+    """Async Ray Data callable class over the teacher endpoint."""
 
     def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits, categories: list[str],
                  threshold: float):
-        self.endpoint, self.base_url, self.model, self.limits = endpoint, base_url, model, limits
+        super().__init__(endpoint, base_url, model, limits, "teacher")
         self.categories, self.threshold = categories, threshold
-        self.client: Optional[ChatClient] = None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         check_columns(batch, REQUIRED_COLUMNS, "relabel")
-        if self.client is None:
-            self.client = await ChatClient(self.endpoint, self.base_url,
-                                           secret_from_env(self.endpoint.api_key_env, "teacher"), self.limits,
-                                           self.model).__aenter__()
+        client = await self.client()
         rows = batch.to_pylist()
         unsure = [r for r in rows if r["task_confidence"] < self.threshold]
-        answers = await asyncio.gather(*(label_task(self.client, r["instruction"], r["input"] or "", self.categories,
+        answers = await asyncio.gather(*(label_task(client, r["instruction"], r["input"] or "", self.categories,
                                                     stage="relabel") for r in unsure))
         by_id = {id(r): a for r, a in zip(unsure, answers)}
         tasks, sources, errors = [], [], []

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipeline.config import StudentConfig
 from pipeline.llm.judge import request_text
-from pipeline.stages.classify import check_columns
+from pipeline.stages.columns import check_columns, with_columns
 
 REQUIRED_COLUMNS = ("id", "instruction", "input")
 OUTPUT_COLUMNS = ("student_response", "student_tokens", "student_status", "student_error")
@@ -36,6 +36,8 @@ class StudentGenerator:
 
     def __init__(self, config: StudentConfig, model_dir: str):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.kv_cache_space_gib))
+        # vLLM's per-engine start-up log would bury the job's progress in the driver's output
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM, SamplingParams
 
         self.llm = LLM(**engine_kwargs(config, model_dir))
@@ -66,7 +68,16 @@ class StudentGenerator:
                        f"new tokens in max_model_len {self.prompt_budget + self.sampling.max_tokens}")
             for name, value in zip(OUTPUT_COLUMNS, row):
                 columns[name].append(value)
-        batch = batch.drop_columns([c for c in OUTPUT_COLUMNS if c in batch.column_names])
-        for name, kind in zip(OUTPUT_COLUMNS, (pa.string(), pa.int32(), pa.string(), pa.string())):
-            batch = batch.append_column(name, pa.array(columns[name], kind))
-        return batch
+        return with_columns(batch, {name: pa.array(columns[name], kind) for name, kind in
+                                    zip(OUTPUT_COLUMNS, (pa.string(), pa.int32(), pa.string(), pa.string()))})
+
+
+def generate(dataset, model_dir: str, config: StudentConfig):
+    """The stage applied to a Ray dataset: `num_actors` engines, each with its GPUs (none on CPU)."""
+    import ray.data
+
+    # Blocks of one batch each, so every engine of the pool gets work (see classify()).
+    return dataset.repartition(target_num_rows_per_block=config.batch_size).map_batches(
+        StudentGenerator, fn_constructor_kwargs={"config": config, "model_dir": model_dir},
+        batch_size=config.batch_size, batch_format="pyarrow", num_gpus=config.num_gpus_per_actor or None,
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors))

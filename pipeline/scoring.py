@@ -1,0 +1,244 @@
+"""`tapir score`: one scoring round, pool → classify → student → teacher → judge → run/round_R/score/.
+
+One streaming Ray Dataset from the pool's shards to the scored Parquet files, so every stage works at
+once (each has its own progress bar). Resume is Ray Data's row-level checkpointing: before a data file
+is written its ids go to a pending checkpoint, after it they are committed; a re-run deletes data files
+whose checkpoint is still pending and skips every committed id. Rows in flight when the job died are
+done again, and their paid calls sent again: at most the batches in flight then. Ray is told not to
+delete the checkpoint on success; it is deleted here after the manifest is written, so a kill between
+the two cannot make a re-run start over and write every row twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipeline import store
+from pipeline.classification import classified, ensure_classifier, export_key, run_dir
+from pipeline.config import RunConfig
+from pipeline.llm.client import EndpointError
+from pipeline.llm.endpoint import OpenEndpoint, open_endpoint
+from pipeline.llm.limits import BudgetExceeded, cost_usd
+from pipeline.llm.secret import MissingSecretError
+from pipeline.models import resolve_model
+from pipeline.pool import check_shards, ensure_pool
+
+log = logging.getLogger(__name__)
+
+STAGE = "score"
+# What the stage summary reads back from the written rows (never the responses: the summary stays small).
+_SUMMARY_COLUMNS = ["id", "status", "mfd", "student_tokens", "teacher_prompt_tokens", "teacher_completion_tokens",
+                    "judge_prompt_tokens", "judge_completion_tokens"]
+# Errors raised inside a stage that the user must act on; they reach the driver wrapped by Ray.
+_STOPPING_ERRORS = (BudgetExceeded, EndpointError, MissingSecretError)
+# Operators that only move rows between stages; their spans say nothing about where the time goes.
+_PLUMBING = ("StreamingRepartition", "ListFiles")
+
+
+def score_location(config: RunConfig, round_index: int) -> store.Location:
+    return run_dir(config).child(f"round_{round_index}", STAGE)
+
+
+def checkpoint_location(config: RunConfig, round_index: int) -> store.Location:
+    return run_dir(config).child(f"round_{round_index}", "checkpoint", STAGE)
+
+
+def config_hash(config: RunConfig) -> str:
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def student_model(config: RunConfig, round_index: int) -> str:
+    """Round 0 scores the configured student; round r the student trained in round r-1."""
+    if round_index == 0:
+        return resolve_model(config.student.model, config.storage.cache_dir)
+    trained = run_dir(config).child(f"round_{round_index - 1}", "model")
+    if not (trained.is_local and trained.child("config.json").exists()):
+        raise FileNotFoundError(f"{trained.uri}: no student trained in round {round_index - 1}; "
+                                f"train it before scoring round {round_index}")
+    return trained.path
+
+
+def read_manifest(location: store.Location) -> Optional[dict]:
+    manifest = location.child(store.MANIFEST)
+    if not manifest.exists():
+        return None
+    with location.fs.open_input_stream(manifest.path) as stream:
+        return json.loads(stream.read())
+
+
+def score(config: RunConfig, round_index: int = 0, progress: bool = True) -> dict:
+    """Scores the pool for one round and returns the stage summary (also written as its manifest).
+
+    A finished round is not scored again; an interrupted one continues with the rows not yet written.
+    """
+    out = score_location(config, round_index)
+    finished = read_manifest(out)
+    if finished and finished.get("complete"):
+        return {**finished, "skipped": True}
+    pool_dir, _ = ensure_pool(config)
+    rows_in = check_shards(pool_dir)
+    student_dir = student_model(config, round_index)
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        teacher = stack.enter_context(open_endpoint(config.teacher, config.storage.cache_dir))
+        judge = teacher if config.judge is None else stack.enter_context(
+            open_endpoint(config.judge, config.storage.cache_dir, role="judge"))
+        classifier_dir = ensure_classifier(config, teacher, progress)
+        export_key(config.teacher, teacher)
+        export_key(config.effective_judge, judge)
+        stages, spent = _run(config, round_index, pool_dir, str(classifier_dir), student_dir, teacher, judge)
+    summary = summarise(config, round_index, rows_in, read_scored(out), stages, spent,
+                        time.perf_counter() - started)
+    store.write_json(out, store.MANIFEST, summary)
+    if summary["complete"]:
+        checkpoint = checkpoint_location(config, round_index)
+        checkpoint.fs.delete_dir_contents(checkpoint.path, missing_dir_ok=True)
+    return summary
+
+
+def _run(config: RunConfig, round_index: int, pool_dir: store.Location, classifier_dir: str, student_dir: str,
+         teacher: OpenEndpoint, judge: OpenEndpoint) -> tuple[list[dict], dict]:
+    """The streaming job; returns the time of each stage and the API usage of this invocation."""
+    import ray.data
+    from ray.data.checkpoint import CheckpointConfig
+
+    from pipeline.ray_runtime import init_ray, run_limits
+    from pipeline.stages.judge import judged
+    from pipeline.stages.student import generate
+    from pipeline.stages.teacher import answered
+
+    init_ray(config.ray, min_cpus=job_cpus(config))
+    limits = run_limits(config)
+    out, checkpoint = score_location(config, round_index), checkpoint_location(config, round_index)
+    context = ray.data.DataContext.get_current()
+    context.checkpoint_config = CheckpointConfig(
+        id_column="id", checkpoint_path=checkpoint.path, override_filesystem=checkpoint.fs,
+        delete_checkpoint_on_success=False)
+    try:
+        dataset = ray.data.read_parquet(pool_dir.path, filesystem=pool_dir.fs, file_extensions=["parquet"])
+        dataset = classified(dataset, config, classifier_dir, teacher)
+        dataset = generate(dataset, student_dir, config.student)
+        dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring,
+                           config.curriculum.keep_reference_outputs)
+        dataset = judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring)
+        dataset.write_parquet(out.path, filesystem=out.fs)
+    except Exception as err:
+        raise _stopping_cause(err) or err
+    finally:
+        context.checkpoint_config = None
+    return stage_times(dataset), asyncio.run(limits.usage_by_stage())
+
+
+def job_cpus(config: RunConfig) -> int:
+    """Logical CPUs the streaming job needs: one per classifier and student actor, one for Ray's checkpoint
+    filter actor, the endpoint actors' shares, and two for the read, repartition and write tasks."""
+    from pipeline.stages.endpoint_stage import ENDPOINT_ACTOR_CPUS
+
+    endpoint_stages = 2 + int(config.classifier.teacher_relabels_low_confidence)
+    endpoint_actors = endpoint_stages * config.scoring.actors_per_stage * ENDPOINT_ACTOR_CPUS
+    return config.classifier.num_actors + config.student.num_actors + 1 + math.ceil(endpoint_actors) + 2
+
+
+def _stopping_cause(err: BaseException) -> Optional[BaseException]:
+    """The user-facing error inside Ray's wrapping of a stage failure (budget reached, key refused), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, _STOPPING_ERRORS):
+            return err
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
+
+
+def stage_times(dataset) -> list[dict]:
+    """Per operator: the span it was running (first task start to last task end) and its summed task time."""
+    try:
+        # Ray Data has no public structured form of ds.stats(); a write's stats live on the dataset it ran
+        summary = dataset._write_ds._get_stats_summary()
+    except Exception:                    # stats are for the report; the scored rows do not depend on them
+        log.warning("Ray Data stats unavailable; the manifest has no per-stage times", exc_info=True)
+        return []
+    operators, pending = [], [summary]
+    while pending:
+        node = pending.pop()
+        operators.extend(node.operators_stats)
+        pending.extend(node.parents)
+    return [{"stage": op.operator_name, "active_s": round(op.latest_end_time - op.earliest_start_time, 2),
+             "task_s": round(op.wall_time.sum, 2) if op.wall_time else None}
+            for op in sorted(operators, key=lambda o: o.earliest_start_time or 0)
+            if op.earliest_start_time is not None and op.latest_end_time is not None
+            and not op.operator_name.startswith(_PLUMBING)]
+
+
+def read_scored(location: store.Location) -> pa.Table:
+    """The summary columns of every scored row written so far (empty when nothing was written)."""
+    files = [p for p in location.list_files(".parquet")]
+    if not files:
+        return pa.table({name: [] for name in _SUMMARY_COLUMNS})
+    return pads.dataset(files, filesystem=location.fs, format="parquet").to_table(columns=_SUMMARY_COLUMNS)
+
+
+def _sum(table: pa.Table, column: str) -> int:
+    return int(pc.sum(table.column(column)).as_py() or 0)
+
+
+def summarise(config: RunConfig, round_index: int, rows_in: int, scored: pa.Table, stages: list[dict],
+              spent: dict, wall_s: float) -> dict:
+    ids = scored.column("id")
+    unique = len(pc.unique(ids))
+    statuses = Counter(scored.column("status").to_pylist())
+    ok = statuses.pop("ok", 0)
+    mfd = scored.column("mfd").drop_null()
+    teacher_tokens = {"prompt": _sum(scored, "teacher_prompt_tokens"),
+                      "completion": _sum(scored, "teacher_completion_tokens")}
+    judge_tokens = {"prompt": _sum(scored, "judge_prompt_tokens"), "completion": _sum(scored, "judge_completion_tokens")}
+    teacher_cost = cost_usd(config.teacher.price, teacher_tokens["prompt"], teacher_tokens["completion"])
+    judge_cost = cost_usd(config.effective_judge.price, judge_tokens["prompt"], judge_tokens["completion"])
+    return {
+        "stage": STAGE, "round": round_index, "config_hash": config_hash(config),
+        # complete: every pool row is in the output exactly once
+        "complete": scored.num_rows == unique == rows_in,
+        "rows_in": rows_in, "rows_out": scored.num_rows, "duplicate_rows": scored.num_rows - unique,
+        "rows_ok": ok, "failed": dict(statuses.most_common()),
+        "hard_rows": int(pc.sum(pc.greater(mfd, config.curriculum.mfd_threshold)).as_py() or 0),
+        "mfd_mean": round(pc.mean(mfd).as_py(), 3) if len(mfd) else None,
+        "tokens": {"student_completion": _sum(scored, "student_tokens"), "teacher": teacher_tokens,
+                   "judge": judge_tokens},
+        "cost_usd": {"teacher": round(teacher_cost, 6), "judge": round(judge_cost, 6),
+                     "total": round(teacher_cost + judge_cost, 6)},
+        # this invocation only: every call it sent, including those of rows lost to an interruption
+        "api_usage_this_run": spent,
+        "stages": stages, "wall_s": round(wall_s, 2),
+    }
+
+
+def format_summary(summary: dict, location: str) -> str:
+    failed = ", ".join(f"{reason} {count}" for reason, count in summary["failed"].items()) or "none"
+    tokens = summary["tokens"]
+    lines = [
+        f"round {summary['round']} scored: {summary['rows_out']} of {summary['rows_in']} rows written to {location}"
+        + (" (already finished; nothing was run)" if summary.get("skipped") else ""),
+        f"  ok {summary['rows_ok']}; failed: {failed}",
+        f"  hard (MFD > threshold) {summary['hard_rows']}; mean MFD {summary['mfd_mean']}",
+        f"  tokens: student {tokens['student_completion']}, teacher {tokens['teacher']['prompt']} in + "
+        f"{tokens['teacher']['completion']} out, judge {tokens['judge']['prompt']} in + "
+        f"{tokens['judge']['completion']} out; cost ${summary['cost_usd']['total']:.4f}",
+    ]
+    if summary["stages"]:
+        lines.append("  stages (active s): " + ", ".join(f"{s['stage']} {s['active_s']:.1f}" for s in summary["stages"]))
+    lines.append(f"  wall time {summary['wall_s']:.1f} s")
+    if not summary["complete"]:
+        lines.append(f"  INCOMPLETE: {summary['duplicate_rows']} duplicate rows; run the same command again")
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""The teacher stage: the teacher's response to every row, the pool's reference output where it may be kept.
+
+A row with a non-empty reference output and `keep_reference_outputs` costs no call. Every other row is
+answered through the client; a row the endpoint cannot answer keeps `teacher_status`/`teacher_error`,
+and the judge stage leaves it unscored.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Union
+
+import pyarrow as pa
+
+from pipeline.config import EndpointConfig, ScoringConfig
+from pipeline.llm.client import ChatReply, ChatRequest, RequestFailed
+from pipeline.llm.judge import request_text
+from pipeline.stages.columns import check_columns, with_columns
+from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options
+
+REQUIRED_COLUMNS = ("id", "instruction", "input", "output")
+
+
+class TeacherAnswer(EndpointStage):
+    """Async Ray Data callable class: adds `teacher_response`, its source, usage and status to every row."""
+
+    def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits, scoring: ScoringConfig,
+                 keep_reference_outputs: bool):
+        super().__init__(endpoint, base_url, model, limits, "teacher")
+        self.max_tokens, self.temperature = scoring.teacher_max_tokens, scoring.teacher_temperature
+        self.keep_reference_outputs = keep_reference_outputs
+
+    async def _answer(self, instruction: str, input_text: str) -> Union[ChatReply, RequestFailed]:
+        request = ChatRequest([{"role": "user", "content": request_text(instruction, input_text)}],
+                              max_tokens=self.max_tokens, temperature=self.temperature, stage="teacher")
+        try:
+            return await (await self.client()).complete(request)
+        except RequestFailed as failed:
+            return failed
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        check_columns(batch, REQUIRED_COLUMNS, "teacher")
+        rows = batch.select(["instruction", "input", "output"]).to_pylist()
+        asked = [i for i, row in enumerate(rows) if not (self.keep_reference_outputs and row["output"])]
+        replies = dict(zip(asked, await asyncio.gather(*(self._answer(rows[i]["instruction"], rows[i]["input"] or "")
+                                                         for i in asked))))
+        response, source, prompt_tokens, completion_tokens, status, error = ([] for _ in range(6))
+        for i, row in enumerate(rows):
+            reply = replies.get(i)
+            if reply is None:
+                values = (row["output"], "reference", 0, 0, "ok", None)
+            elif isinstance(reply, RequestFailed):
+                values = (None, "teacher", 0, 0, reply.reason, str(reply))
+            else:
+                values = (reply.content, "teacher", reply.prompt_tokens, reply.completion_tokens, "ok", None)
+            for column, value in zip((response, source, prompt_tokens, completion_tokens, status, error), values):
+                column.append(value)
+        return with_columns(batch, {
+            "teacher_response": pa.array(response, pa.string()), "teacher_source": pa.array(source, pa.string()),
+            "teacher_prompt_tokens": pa.array(prompt_tokens, pa.int32()),
+            "teacher_completion_tokens": pa.array(completion_tokens, pa.int32()),
+            "teacher_status": pa.array(status, pa.string()), "teacher_error": pa.array(error, pa.string())})
+
+
+def answered(dataset, endpoint: EndpointConfig, base_url: str, model: str, limits, scoring: ScoringConfig,
+             keep_reference_outputs: bool):
+    return dataset.repartition(target_num_rows_per_block=scoring.batch_size).map_batches(
+        TeacherAnswer, fn_constructor_kwargs={
+            "endpoint": endpoint, "base_url": base_url, "model": model, "limits": limits, "scoring": scoring,
+            "keep_reference_outputs": keep_reference_outputs}, **endpoint_stage_options(scoring))

@@ -1,0 +1,185 @@
+"""The scoring round's endpoint stages (teacher answers, pairwise judge) over real HTTP, and its input checks."""
+import asyncio
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import store
+from pipeline.config import EndpointConfig, RunConfig, ScoringConfig
+from pipeline.llm.emulated_api import EmulatedAPI, Faults
+from pipeline.llm.shared_limits import local_limits
+from pipeline.pool import PoolImportError, check_shards
+from pipeline.schema import POOL_SCHEMA
+from pipeline.scoring import summarise
+from pipeline.stages.judge import PairJudge
+from pipeline.stages.teacher import TeacherAnswer
+
+KEY_ENV = "TAPIR_TEST_STAGE_KEY"
+
+
+def endpoint(api: EmulatedAPI, **overrides) -> EndpointConfig:
+    return EndpointConfig(kind="remote", base_url=api.base_url, model="teacher", api_key_env=KEY_ENV,
+                          **{"max_attempts": 2, "timeout_s": 5, **overrides})
+
+
+def rows_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows)
+
+
+def pool_rows(outputs: list[str]) -> pa.Table:
+    return rows_table([{"id": f"r{i}", "instruction": f"Question {i}?", "input": "", "output": o}
+                       for i, o in enumerate(outputs)])
+
+
+async def run_stage(api: EmulatedAPI, make_stage, batch: pa.Table) -> pa.Table:
+    config = endpoint(api)
+    stage = make_stage(config, local_limits([config], None))
+    result = await stage(batch)
+    await (await stage.client()).__aexit__(None, None, None)
+    return result
+
+
+def test_teacher_keeps_reference_outputs_and_answers_only_the_rest(monkeypatch):
+    async def scenario():
+        async with EmulatedAPI() as api:
+            monkeypatch.setenv(KEY_ENV, api.api_key)
+            out = await run_stage(api, lambda cfg, limits: TeacherAnswer(
+                cfg, api.base_url, "teacher", limits, ScoringConfig(), keep_reference_outputs=True),
+                pool_rows(["Paris.", "", "42"]))
+            return out, api.stats.answered
+
+    out, answered = asyncio.run(scenario())
+    assert answered == 1                                            # only the row without a reference
+    assert out.column("teacher_source").to_pylist() == ["reference", "teacher", "reference"]
+    assert out.column("teacher_response").to_pylist()[0] == "Paris."
+    assert out.column("teacher_response").to_pylist()[1]            # the teacher's own answer
+    assert out.column("teacher_completion_tokens").to_pylist()[1] > 0
+    assert out.column("teacher_status").to_pylist() == ["ok"] * 3
+    assert out.column("id").to_pylist() == ["r0", "r1", "r2"]       # rows kept, in order
+
+
+def test_teacher_answers_everything_when_references_are_not_kept(monkeypatch):
+    async def scenario():
+        async with EmulatedAPI() as api:
+            monkeypatch.setenv(KEY_ENV, api.api_key)
+            out = await run_stage(api, lambda cfg, limits: TeacherAnswer(
+                cfg, api.base_url, "teacher", limits, ScoringConfig(), keep_reference_outputs=False),
+                pool_rows(["Paris.", "42"]))
+            return out, api.stats.answered
+
+    out, answered = asyncio.run(scenario())
+    assert answered == 2 and out.column("teacher_source").to_pylist() == ["teacher", "teacher"]
+
+
+def test_a_row_the_teacher_cannot_answer_is_kept_with_its_reason(monkeypatch):
+    async def scenario():
+        async with EmulatedAPI(faults=Faults(server_error=1.0)) as api:
+            monkeypatch.setenv(KEY_ENV, api.api_key)
+            return await run_stage(api, lambda cfg, limits: TeacherAnswer(
+                cfg, api.base_url, "teacher", limits, ScoringConfig(), keep_reference_outputs=False),
+                pool_rows(["x"]))
+
+    out = asyncio.run(scenario()).to_pylist()[0]
+    assert out["teacher_status"] == "http_500" and "500" in out["teacher_error"]
+    assert out["teacher_response"] is None and out["id"] == "r0"
+
+
+def judged_rows() -> pa.Table:
+    base = {"instruction": "Explain tides.", "input": "", "teacher_response": "TEACHER says",
+            "student_response": "STUDENT says", "student_status": "ok", "student_error": None,
+            "teacher_status": "ok", "teacher_error": None}
+    return rows_table([
+        {**base, "id": "both"},
+        {**base, "id": "long", "student_response": None, "student_status": "too_long",
+         "student_error": "prompt of 3000 tokens"},
+        {**base, "id": "no-teacher", "teacher_response": None, "teacher_status": "timeout",
+         "teacher_error": "no answer"},
+    ])
+
+
+def position_biased_judge(body: dict) -> str:
+    """Prefers the teacher (8 vs 4) and adds +1 to whichever answer comes first."""
+    prompt = body["messages"][0]["content"]
+    teacher_first = prompt.index("TEACHER") < prompt.index("STUDENT")
+    return json.dumps({"score_1": 9, "score_2": 4} if teacher_first else {"score_1": 5, "score_2": 8})
+
+
+def test_judge_scores_rows_with_both_answers_and_passes_upstream_failures_on(monkeypatch):
+    async def scenario():
+        async with EmulatedAPI(reply=position_biased_judge) as api:
+            monkeypatch.setenv(KEY_ENV, api.api_key)
+            out = await run_stage(api, lambda cfg, limits: PairJudge(cfg, api.base_url, "judge", limits),
+                                  judged_rows())
+            return out, api.stats.answered
+
+    out, answered = asyncio.run(scenario())
+    assert answered == 2                                  # both orders of the one judgeable row, nothing else
+    rows = {r["id"]: r for r in out.to_pylist()}
+    assert (rows["both"]["teacher_score"], rows["both"]["student_score"], rows["both"]["mfd"]) == (8.5, 4.5, 4.0)
+    assert rows["both"]["status"] == "ok" and rows["both"]["judge_prompt_tokens"] > 0
+    assert rows["long"]["status"] == "student_too_long" and "3000" in rows["long"]["error"]
+    assert rows["no-teacher"]["status"] == "teacher_timeout" and rows["no-teacher"]["mfd"] is None
+
+
+def test_an_unreadable_verdict_fails_the_row_not_the_batch(monkeypatch):
+    async def scenario():
+        async with EmulatedAPI(reply=lambda body: "no idea") as api:
+            monkeypatch.setenv(KEY_ENV, api.api_key)
+            return await run_stage(api, lambda cfg, limits: PairJudge(cfg, api.base_url, "judge", limits),
+                                   judged_rows())
+
+    rows = {r["id"]: r for r in asyncio.run(scenario()).to_pylist()}
+    assert rows["both"]["status"] == "judge_unparseable" and "no idea" in rows["both"]["error"]
+    assert len(rows) == 3
+
+
+def write_shard(directory, name: str, table: pa.Table) -> None:
+    pq.write_table(table, directory / name)
+
+
+def test_pool_shards_are_checked_before_any_work_naming_the_shard(tmp_path):
+    good = pa.Table.from_pylist([{"id": "a", "instruction": "Hi", "input": "", "output": "", "source": "x:1",
+                                  "meta": "{}"}], POOL_SCHEMA)
+    write_shard(tmp_path, "part-00000.parquet", good)
+    assert check_shards(store.locate(str(tmp_path))) == 1
+
+    write_shard(tmp_path, "part-00001.parquet", good.drop_columns(["input"]))
+    with pytest.raises(PoolImportError, match=r"part-00001\.parquet: pool shard lacks column\(s\) input"):
+        check_shards(store.locate(str(tmp_path)))
+
+    (tmp_path / "part-00001.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(PoolImportError, match=r"part-00001\.parquet: unreadable pool shard"):
+        check_shards(store.locate(str(tmp_path)))
+
+
+def test_an_empty_pool_or_a_directory_without_shards_stops_with_its_path(tmp_path):
+    with pytest.raises(PoolImportError, match="no pool shards"):
+        check_shards(store.locate(str(tmp_path)))
+    write_shard(tmp_path, "part-00000.parquet", POOL_SCHEMA.empty_table())
+    with pytest.raises(PoolImportError, match="the pool is empty"):
+        check_shards(store.locate(str(tmp_path)))
+
+
+def scored(ids: list[str], statuses: list[str], mfds: list) -> pa.Table:
+    n = len(ids)
+    return pa.table({"id": ids, "status": statuses, "mfd": pa.array(mfds, pa.float32()),
+                     "student_tokens": [10] * n, "teacher_prompt_tokens": [100] * n,
+                     "teacher_completion_tokens": [50] * n, "judge_prompt_tokens": [1000] * n,
+                     "judge_completion_tokens": [20] * n})
+
+
+def test_the_summary_counts_failures_tokens_and_cost_and_flags_duplicates():
+    config = RunConfig.model_validate({"teacher": {"price": {"input_per_million_usd": 1.0,
+                                                             "output_per_million_usd": 2.0}}})
+    summary = summarise(config, 0, 3, scored(["a", "b", "c"], ["ok", "ok", "student_too_long"], [2.0, 0.5, None]),
+                        [], {}, 1.0)
+    assert summary["complete"] and summary["rows_ok"] == 2 and summary["failed"] == {"student_too_long": 1}
+    assert summary["hard_rows"] == 1 and summary["mfd_mean"] == 1.25
+    assert summary["tokens"]["teacher"] == {"prompt": 300, "completion": 150}
+    # the judge defaults to the teacher, so it is billed at the teacher's price too
+    assert summary["cost_usd"]["total"] == pytest.approx((300 + 3000) / 1e6 + 2 * (150 + 60) / 1e6)
+
+    twice = summarise(config, 0, 3, scored(["a", "a", "b"], ["ok"] * 3, [1.0] * 3), [], {}, 1.0)
+    assert not twice["complete"] and twice["duplicate_rows"] == 1
