@@ -1,0 +1,122 @@
+"""`tapir score` end to end: real vLLM student, real classifier, the paid API played by a loopback server.
+
+The driver is killed with SIGKILL in the middle of the job and the same command run again: every pool row
+must come out exactly once, and paid calls whose answers were written must not be sent again.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from pipeline.llm.emulated_api import EmulatedAPI
+from pipeline.llm.judge import request_text
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TAPIR = str(Path(sys.executable).with_name("tapir"))
+KEY_ENV = "TAPIR_TEST_SCORE_KEY"
+ROWS = 64
+BATCH = 8
+
+
+def write_config(tmp_path: Path, pool: Path, api: EmulatedAPI, cache_dir: Path) -> Path:
+    endpoint = {"kind": "remote", "base_url": api.base_url, "model": "paid-teacher", "api_key_env": KEY_ENV,
+                "price": {"input_per_million_usd": 1.0, "output_per_million_usd": 4.0}}
+    config = {
+        "pool": {"source": str(pool), "rows_per_shard": 16},
+        "storage": {"run_dir": str(tmp_path / "run"), "cache_dir": str(cache_dir)},
+        "ray": {"num_cpus": 2},
+        "student": {"batch_size": BATCH, "sampling": {"max_tokens": 16}},
+        "teacher": endpoint,
+        "classifier": {"label_sample_size": ROWS, "train": {"epochs": 1}},
+        "curriculum": {"keep_reference_outputs": False},      # every row costs a teacher call and two judge calls
+        "scoring": {"batch_size": BATCH, "batches_in_flight_per_actor": 1},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_score(config: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([TAPIR, "score", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, env=env)
+
+
+def written_files(run: Path) -> list[Path]:
+    return sorted((run / "round_0" / "score").glob("*.parquet"))
+
+
+def test_a_killed_scoring_round_resumes_with_every_row_once_and_no_answered_call_repeated(
+        tmp_path, shared_data, prepared_student):
+    pool = tmp_path / "pool.jsonl"
+    lines = (shared_data / "alpaca_dev_4000.jsonl").read_text().splitlines()[:ROWS]
+    pool.write_text("\n".join(lines) + "\n")
+    api = EmulatedAPI(latency_s=0.3, latency_jitter_s=0.2)
+    with api.serving_in_thread():
+        config = write_config(tmp_path, pool, api, prepared_student.parent.parent)
+        env = {**os.environ, KEY_ENV: api.api_key}
+        run = tmp_path / "run"
+
+        killed = start_score(config, env)
+        deadline = time.monotonic() + 480
+        while len(written_files(run)) < 2 and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert killed.poll() is None, f"the first run ended before it could be killed:\n{killed.stderr.read()[-3000:]}"
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        calls_before_resume = Counter(api.stats.answered_prompts)
+        ids_before_resume = {i for f in written_files(run) for i in pads.dataset(f).to_table(columns=["id"])
+                             .column("id").to_pylist()}
+
+        resumed = subprocess.run([TAPIR, "score", str(config)], capture_output=True, text=True, cwd=REPO, env=env,
+                                 timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        calls = Counter(api.stats.answered_prompts)
+
+        again = subprocess.run([TAPIR, "score", str(config)], capture_output=True, text=True, cwd=REPO, env=env,
+                               timeout=300)
+        assert again.returncode == 0 and "already finished" in again.stdout
+        assert Counter(api.stats.answered_prompts) == calls                  # a finished round sends nothing
+
+    scored = pads.dataset(run / "round_0" / "score", format="parquet").to_table()
+    ids = scored.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == ROWS                                     # every row, exactly once
+    rows = scored.to_pylist()
+    assert all(r["status"] == "ok" for r in rows), Counter(r["status"] for r in rows)
+    assert all(r["mfd"] == pytest.approx(r["teacher_score"] - r["student_score"]) for r in rows)
+    assert all(r["student_response"] is not None and r["teacher_source"] == "teacher" for r in rows)
+    assert all(r["task"] for r in rows)
+
+    # A teacher prompt is one row's request; a judge prompt one row and one order: a prompt answered twice
+    # is a paid call repeated. Rows written before the kill must never be asked about again.
+    repeated = sum(n - 1 for n in calls.values() if n > 1)
+    assert ids_before_resume, "the kill came before anything was written: the test proves nothing"
+    for row in rows:
+        if row["id"] in ids_before_resume:
+            assert calls[_teacher_prompt(row)] == 1
+    # what was in flight at the kill: one batch per endpoint actor (teacher: 1 call a row, judge: 2), plus
+    # the judged rows waiting for their write
+    assert repeated <= 3 * BATCH * 3, repeated
+
+    manifest = json.loads((run / "round_0" / "score" / "_manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows_in"] == manifest["rows_out"] == ROWS
+    assert manifest["duplicate_rows"] == 0 and manifest["failed"] == {}
+    assert manifest["tokens"]["judge"]["prompt"] > 0 and manifest["cost_usd"]["total"] > 0
+    assert api.api_key not in (run / "round_0" / "score" / "_manifest.json").read_text()
+    assert "round 0 scored: 64 of 64 rows" in resumed.stdout
+    assert not any((run / "round_0" / "checkpoint" / "score").iterdir())       # cleaned once the manifest is in
+
+
+def _teacher_prompt(row: dict) -> str:
+    """The key the loopback API counts a teacher request under: its messages, as the stage sends them."""
+    return json.dumps([{"role": "user", "content": request_text(row["instruction"], row["input"] or "")}],
+                      sort_keys=True)
