@@ -98,9 +98,12 @@ def score(config: RunConfig, round_index: int = 0, progress: bool = True) -> dic
         classifier_dir = ensure_classifier(config, teacher, progress)
         export_key(config.teacher, teacher)
         export_key(config.effective_judge, judge)
+        job_started = time.perf_counter()
         stages, spent = _run(config, round_index, pool_dir, str(classifier_dir), student_dir, teacher, judge)
+        job_s = time.perf_counter() - job_started
     summary = summarise(config, round_index, rows_in, read_scored(out), stages, spent,
-                        time.perf_counter() - started)
+                        {"setup_s": round(job_started - started, 2), "job_s": round(job_s, 2),
+                         "wall_s": round(time.perf_counter() - started, 2)})
     store.write_json(out, store.MANIFEST, summary)
     if summary["complete"]:
         checkpoint = checkpoint_location(config, round_index)
@@ -195,7 +198,8 @@ def _sum(table: pa.Table, column: str) -> int:
 
 
 def summarise(config: RunConfig, round_index: int, rows_in: int, scored: pa.Table, stages: list[dict],
-              spent: dict, wall_s: float) -> dict:
+              spent: dict, times: dict) -> dict:
+    """`times`: wall_s for the command, setup_s (endpoints, classifier) and job_s (the streaming job) in it."""
     ids = scored.column("id")
     unique = len(pc.unique(ids))
     statuses = Counter(scored.column("status").to_pylist())
@@ -220,7 +224,7 @@ def summarise(config: RunConfig, round_index: int, rows_in: int, scored: pa.Tabl
                      "total": round(teacher_cost + judge_cost, 6)},
         # this invocation only: every call it sent, including those of rows lost to an interruption
         "api_usage_this_run": spent,
-        "stages": stages, "wall_s": round(wall_s, 2),
+        "stages": stages, **times,
     }
 
 
@@ -238,7 +242,8 @@ def format_summary(summary: dict, location: str) -> str:
     ]
     if summary["stages"]:
         lines.append("  stages (active s): " + ", ".join(f"{s['stage']} {s['active_s']:.1f}" for s in summary["stages"]))
-    lines.append(f"  wall time {summary['wall_s']:.1f} s")
+    lines.append(f"  wall time {summary['wall_s']:.1f} s (start-up {summary['setup_s']:.1f} s, "
+                 f"streaming job {summary['job_s']:.1f} s)")
     if not summary["complete"]:
         lines.append(f"  INCOMPLETE: {summary['duplicate_rows']} duplicate rows; run the same command again")
     return "\n".join(lines)

@@ -174,12 +174,27 @@ def test_the_summary_counts_failures_tokens_and_cost_and_flags_duplicates():
     config = RunConfig.model_validate({"teacher": {"price": {"input_per_million_usd": 1.0,
                                                              "output_per_million_usd": 2.0}}})
     summary = summarise(config, 0, 3, scored(["a", "b", "c"], ["ok", "ok", "student_too_long"], [2.0, 0.5, None]),
-                        [], {}, 1.0)
+                        [], {}, {"wall_s": 1.0})
     assert summary["complete"] and summary["rows_ok"] == 2 and summary["failed"] == {"student_too_long": 1}
     assert summary["hard_rows"] == 1 and summary["mfd_mean"] == 1.25
     assert summary["tokens"]["teacher"] == {"prompt": 300, "completion": 150}
     # the judge defaults to the teacher, so it is billed at the teacher's price too
     assert summary["cost_usd"]["total"] == pytest.approx((300 + 3000) / 1e6 + 2 * (150 + 60) / 1e6)
 
-    twice = summarise(config, 0, 3, scored(["a", "a", "b"], ["ok"] * 3, [1.0] * 3), [], {}, 1.0)
+    twice = summarise(config, 0, 3, scored(["a", "a", "b"], ["ok"] * 3, [1.0] * 3), [], {}, {"wall_s": 1.0})
     assert not twice["complete"] and twice["duplicate_rows"] == 1
+
+
+def test_a_budget_or_key_error_inside_a_stage_reaches_the_user_unwrapped():
+    from pipeline.llm.limits import BudgetExceeded
+    from pipeline.scoring import _stopping_cause
+
+    budget = BudgetExceeded("the next request could take the run past max_cost_usd=$1.00")
+    try:
+        try:
+            raise budget
+        except BudgetExceeded as err:
+            raise RuntimeError("UDF failed to process a data block") from err    # as Ray Data wraps it
+    except RuntimeError as wrapped:
+        assert _stopping_cause(wrapped) is budget
+    assert _stopping_cause(RuntimeError("a bug")) is None
