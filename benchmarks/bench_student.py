@@ -37,7 +37,7 @@ def conversation(row: dict) -> list[dict]:
     return [{"role": "user", "content": request_text(row["instruction"], row["input"])}]
 
 
-def _bare(config: StudentConfig, model_dir: str, rows: list[dict], result) -> None:
+def _bare(config: StudentConfig, model_dir: str, rows: list[dict], results) -> None:
     import os
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.kv_cache_space_gib))
@@ -50,18 +50,21 @@ def _bare(config: StudentConfig, model_dir: str, rows: list[dict], result) -> No
     loaded = time.perf_counter()
     outputs = llm.chat([conversation(r) for r in rows], sampling_params(config), use_tqdm=False)
     done = time.perf_counter()
-    result.update(tokens=sum(len(o.outputs[0].token_ids) for o in outputs), wall_s=done - started,
-                  generate_s=done - loaded)
+    results.put({"tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "wall_s": done - started,
+                 "generate_s": done - loaded})
 
 
 def bare(config: StudentConfig, model_dir: str, rows: list[dict]) -> dict:
-    """In a child process: vLLM spawns its own engine process and must be shut down before Ray starts."""
-    with multiprocessing.Manager() as manager:
-        result = manager.dict()
-        process = multiprocessing.get_context("spawn").Process(target=_bare, args=(config, model_dir, rows, result))
-        process.start()
-        process.join()
-        return dict(result)
+    """In a child process (as a script would run it), ended once it has reported: vLLM's engine processes
+    are spawned from it and must be gone before Ray starts; its exit-time shutdown can hang on CPU."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_bare, args=(config, model_dir, rows, results))
+    process.start()
+    result = results.get(timeout=3600)
+    process.kill()
+    process.join()
+    return result
 
 
 def pipeline(config: StudentConfig, model_dir: str, rows: list[dict], work: Path) -> dict:

@@ -33,24 +33,31 @@ def pool_rows(outputs: list[str]) -> pa.Table:
                        for i, o in enumerate(outputs)])
 
 
-async def run_stage(api: EmulatedAPI, make_stage, batch: pa.Table) -> pa.Table:
-    config = endpoint(api)
-    stage = make_stage(config, local_limits([config], None))
-    result = await stage(batch)
-    await (await stage.client()).__aexit__(None, None, None)
-    return result
+def run_stage(monkeypatch, make_stage, batch: pa.Table, **api_options) -> tuple[pa.Table, int]:
+    """Runs a stage's batch against a fresh loopback API; returns the batch out and the calls answered."""
+    async def scenario():
+        async with EmulatedAPI(**api_options) as api:
+            monkeypatch.setenv(KEY_ENV, api.api_key)
+            config = endpoint(api)
+            stage = make_stage(config, api.base_url, local_limits([config], None))
+            out = await stage(batch)
+            await (await stage.client()).__aexit__(None, None, None)
+            return out, api.stats.answered
+
+    return asyncio.run(scenario())
+
+
+def teacher(keep_reference_outputs: bool):
+    return lambda config, url, limits: TeacherAnswer(config, url, "teacher", limits, ScoringConfig(),
+                                                     keep_reference_outputs=keep_reference_outputs)
+
+
+def judge(config, url, limits):
+    return PairJudge(config, url, "judge", limits)
 
 
 def test_teacher_keeps_reference_outputs_and_answers_only_the_rest(monkeypatch):
-    async def scenario():
-        async with EmulatedAPI() as api:
-            monkeypatch.setenv(KEY_ENV, api.api_key)
-            out = await run_stage(api, lambda cfg, limits: TeacherAnswer(
-                cfg, api.base_url, "teacher", limits, ScoringConfig(), keep_reference_outputs=True),
-                pool_rows(["Paris.", "", "42"]))
-            return out, api.stats.answered
-
-    out, answered = asyncio.run(scenario())
+    out, answered = run_stage(monkeypatch, teacher(True), pool_rows(["Paris.", "", "42"]))
     assert answered == 1                                            # only the row without a reference
     assert out.column("teacher_source").to_pylist() == ["reference", "teacher", "reference"]
     assert out.column("teacher_response").to_pylist()[0] == "Paris."
@@ -61,29 +68,15 @@ def test_teacher_keeps_reference_outputs_and_answers_only_the_rest(monkeypatch):
 
 
 def test_teacher_answers_everything_when_references_are_not_kept(monkeypatch):
-    async def scenario():
-        async with EmulatedAPI() as api:
-            monkeypatch.setenv(KEY_ENV, api.api_key)
-            out = await run_stage(api, lambda cfg, limits: TeacherAnswer(
-                cfg, api.base_url, "teacher", limits, ScoringConfig(), keep_reference_outputs=False),
-                pool_rows(["Paris.", "42"]))
-            return out, api.stats.answered
-
-    out, answered = asyncio.run(scenario())
+    out, answered = run_stage(monkeypatch, teacher(False), pool_rows(["Paris.", "42"]))
     assert answered == 2 and out.column("teacher_source").to_pylist() == ["teacher", "teacher"]
 
 
 def test_a_row_the_teacher_cannot_answer_is_kept_with_its_reason(monkeypatch):
-    async def scenario():
-        async with EmulatedAPI(faults=Faults(server_error=1.0)) as api:
-            monkeypatch.setenv(KEY_ENV, api.api_key)
-            return await run_stage(api, lambda cfg, limits: TeacherAnswer(
-                cfg, api.base_url, "teacher", limits, ScoringConfig(), keep_reference_outputs=False),
-                pool_rows(["x"]))
-
-    out = asyncio.run(scenario()).to_pylist()[0]
-    assert out["teacher_status"] == "http_500" and "500" in out["teacher_error"]
-    assert out["teacher_response"] is None and out["id"] == "r0"
+    out, _ = run_stage(monkeypatch, teacher(False), pool_rows(["x"]), faults=Faults(server_error=1.0))
+    row = out.to_pylist()[0]
+    assert row["teacher_status"] == "http_500" and "500" in row["teacher_error"]
+    assert row["teacher_response"] is None and row["id"] == "r0"
 
 
 def judged_rows() -> pa.Table:
@@ -107,14 +100,7 @@ def position_biased_judge(body: dict) -> str:
 
 
 def test_judge_scores_rows_with_both_answers_and_passes_upstream_failures_on(monkeypatch):
-    async def scenario():
-        async with EmulatedAPI(reply=position_biased_judge) as api:
-            monkeypatch.setenv(KEY_ENV, api.api_key)
-            out = await run_stage(api, lambda cfg, limits: PairJudge(cfg, api.base_url, "judge", limits),
-                                  judged_rows())
-            return out, api.stats.answered
-
-    out, answered = asyncio.run(scenario())
+    out, answered = run_stage(monkeypatch, judge, judged_rows(), reply=position_biased_judge)
     assert answered == 2                                  # both orders of the one judgeable row, nothing else
     rows = {r["id"]: r for r in out.to_pylist()}
     assert (rows["both"]["teacher_score"], rows["both"]["student_score"], rows["both"]["mfd"]) == (8.5, 4.5, 4.0)
@@ -124,13 +110,8 @@ def test_judge_scores_rows_with_both_answers_and_passes_upstream_failures_on(mon
 
 
 def test_an_unreadable_verdict_fails_the_row_not_the_batch(monkeypatch):
-    async def scenario():
-        async with EmulatedAPI(reply=lambda body: "no idea") as api:
-            monkeypatch.setenv(KEY_ENV, api.api_key)
-            return await run_stage(api, lambda cfg, limits: PairJudge(cfg, api.base_url, "judge", limits),
-                                   judged_rows())
-
-    rows = {r["id"]: r for r in asyncio.run(scenario()).to_pylist()}
+    out, _ = run_stage(monkeypatch, judge, judged_rows(), reply=lambda body: "no idea")
+    rows = {r["id"]: r for r in out.to_pylist()}
     assert rows["both"]["status"] == "judge_unparseable" and "no idea" in rows["both"]["error"]
     assert len(rows) == 3
 
