@@ -15,6 +15,7 @@ import argparse
 import json
 import multiprocessing
 import platform
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -61,7 +62,13 @@ def bare(config: StudentConfig, model_dir: str, rows: list[dict]) -> dict:
     results = context.Queue()
     process = context.Process(target=_bare, args=(config, model_dir, rows, results))
     process.start()
-    result = results.get(timeout=3600)
+    while True:
+        try:
+            result = results.get(timeout=5)
+            break
+        except queue.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"the bare vLLM run exited with code {process.exitcode} before reporting")
     process.kill()
     process.join()
     return result
