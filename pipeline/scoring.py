@@ -245,5 +245,6 @@ def format_summary(summary: dict, location: str) -> str:
     lines.append(f"  wall time {summary['wall_s']:.1f} s (start-up {summary['setup_s']:.1f} s, "
                  f"streaming job {summary['job_s']:.1f} s)")
     if not summary["complete"]:
-        lines.append(f"  INCOMPLETE: {summary['duplicate_rows']} duplicate rows; run the same command again")
+        lines.append(f"  INCOMPLETE: {summary['rows_out']} rows written for {summary['rows_in']} in the pool, "
+                     f"{summary['duplicate_rows']} of them duplicates; run the same command again")
     return "\n".join(lines)
