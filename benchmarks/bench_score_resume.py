@@ -3,7 +3,8 @@
 The paid API is the loopback server that behaves like one (latency, usage); it counts every prompt it
 answered, so a paid call sent twice is seen. The student is the real vLLM engine. Five kills, each at a
 random moment 8-60 s after the previous event: three of the driver (the command is started again) and two
-of a worker (a student engine actor, a judge actor: Ray restarts it and the job goes on).
+of a worker (a student engine actor, a judge actor: Ray restarts it and the job goes on); a worker kill
+waits for its actor to be running.
 
 Reported: whether the final row set equals the uninterrupted run's (ids, each once, same statuses), and how
 many paid calls were repeated in all, against the bound of the batches in flight.
@@ -123,7 +124,11 @@ def main() -> None:
                 process, runs = start(killed_cfg, env, log), runs + 1
                 done = "driver killed, command started again"
             else:
-                pids = worker_pids(event.split(":")[1])
+                # a worker kill waits (up to 60 s) for its actor to exist, so that every such event lands
+                deadline = time.monotonic() + 60
+                while not (pids := worker_pids(event.split(":")[1])) and time.monotonic() < deadline \
+                        and process.poll() is None:
+                    time.sleep(0.5)
                 for pid in pids:
                     os.kill(pid, signal.SIGKILL)
                 done = f"killed {len(pids)} worker process(es); the job goes on"
