@@ -78,6 +78,7 @@ def pipeline(config: StudentConfig, model_dir: str, rows: list[dict], work: Path
     import ray
     import ray.data
 
+    from pipeline.scoring import stage_times
     from pipeline.stages.student import generate
 
     source = work / "prompts"
@@ -88,17 +89,10 @@ def pipeline(config: StudentConfig, model_dir: str, rows: list[dict], work: Path
     dataset = generate(ray.data.read_parquet(str(source)), model_dir, config)
     dataset.write_parquet(str(work / "out"))
     wall = time.perf_counter() - started
-    ops = dataset._write_ds._get_stats_summary()
-    operators = []
-    pending = [ops]
-    while pending:
-        node = pending.pop()
-        operators.extend(node.operators_stats)
-        pending.extend(node.parents)
-    student = next(o for o in operators if "StudentGenerator" in o.operator_name)
+    student = next(s for s in stage_times(dataset) if "StudentGenerator" in s["stage"])
     ray.shutdown()
     tokens = sum(pq.read_table(str(work / "out"), columns=["student_tokens"]).column("student_tokens").to_pylist())
-    return {"tokens": tokens, "wall_s": wall, "generate_s": student.wall_time.sum}
+    return {"tokens": tokens, "wall_s": wall, "generate_s": student["task_s"]}
 
 
 def hf_generate(config: StudentConfig, model_dir: str, rows: list[dict], batch_size: int) -> dict:

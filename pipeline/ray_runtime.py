@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from pipeline.config import RayConfig, RunConfig
 
@@ -30,8 +31,6 @@ def init_ray(config: RayConfig, min_cpus: int = 1) -> None:
 
 def run_limits(config: RunConfig):
     """The run's cluster-wide rate limits and budget (a named actor), with the teacher and judge registered."""
-    from pathlib import Path
-
     from pipeline.llm.shared_limits import shared_limits
 
     return shared_limits(Path(config.storage.run_dir).name, [config.teacher, config.effective_judge],

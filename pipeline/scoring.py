@@ -70,21 +70,13 @@ def student_model(config: RunConfig, round_index: int) -> str:
     return trained.path
 
 
-def read_manifest(location: store.Location) -> Optional[dict]:
-    manifest = location.child(store.MANIFEST)
-    if not manifest.exists():
-        return None
-    with location.fs.open_input_stream(manifest.path) as stream:
-        return json.loads(stream.read())
-
-
 def score(config: RunConfig, round_index: int = 0, progress: bool = True) -> dict:
     """Scores the pool for one round and returns the stage summary (also written as its manifest).
 
     A finished round is not scored again; an interrupted one continues with the rows not yet written.
     """
     out = score_location(config, round_index)
-    finished = read_manifest(out)
+    finished = store.read_json(out, store.MANIFEST)
     if finished and finished.get("complete"):
         return {**finished, "skipped": True}
     pool_dir, _ = ensure_pool(config)

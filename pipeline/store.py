@@ -97,3 +97,12 @@ def write_text(location: Location, name: str, text: str) -> str:
 
 def write_json(location: Location, name: str, data: Any) -> str:
     return write_text(location, name, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_json(location: Location, name: str) -> Optional[Any]:
+    """A JSON file of the directory, or None when it is not there."""
+    path = f"{location.path.rstrip('/')}/{name}"
+    if location.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with location.fs.open_input_stream(path) as stream:
+        return json.loads(stream.read())

@@ -27,7 +27,6 @@ class EndpointStage:
         return self._client
 
 
-
 # An endpoint actor waits on the network; a small CPU share keeps it from taking a core that the
 # read, repartition and write tasks of the same streaming job need on a laptop.
 ENDPOINT_ACTOR_CPUS = 0.25
