@@ -19,14 +19,14 @@ from pipeline.llm.local_server import TeacherServerError
 from pipeline.llm.secret import MissingSecretError
 from pipeline.llm.shared_limits import local_limits
 from pipeline.models import ModelError, bundled_encoder_dir, prepare_bundled_student
-from training import TrainingDataError
+from training import CheckpointMismatch, TrainingDataError
 from pipeline.pool import PoolImportError, ensure_pool, import_pool, read_pool
 
 log = logging.getLogger("tapir")
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
 _USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError,
-                RequestFailed, BudgetExceeded, TrainingDataError, FileNotFoundError)
+                RequestFailed, BudgetExceeded, TrainingDataError, CheckpointMismatch, FileNotFoundError)
 
 
 def _positive_int(text: str) -> int:
@@ -181,6 +181,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0 if summary["complete"] else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from training import sft, sft_data
+
+    config = _config(args.config)
+    if args.data:
+        sft_data.import_training_set(config, args.round, args.data, progress=sys.stderr.isatty())
+    summary = sft.train(config, args.round)
+    print(sft.format_summary(summary))
+    return 0 if summary["complete"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tapir", description="TAPIR curriculum distillation on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -234,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
     score.add_argument("--round", type=_non_negative_int, default=0, help="round to score (default 0)")
     score.set_defaults(run=cmd_score)
+
+    train = commands.add_parser("train", help="fine-tune the student on a round's training set (Ray Train, DeepSpeed)")
+    train.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+    train.add_argument("--round", type=_non_negative_int, default=0, help="round to train (default 0)")
+    train.add_argument("--data", help="import this file or directory (any `tapir pool import` format, answers in "
+                                      "'output') as the round's training set first")
+    train.set_defaults(run=cmd_train)
 
     check = commands.add_parser("check", help="models, pool, local teacher and one chat completion, end to end")
     check.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")

@@ -222,14 +222,27 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     effective_batch_size: int = Field(128, gt=0, description="Sequences per optimizer step, all workers.")
     micro_batch_size: int = Field(4, gt=0, description="Sequences per worker per forward pass.")
-    max_len: int = Field(1024, gt=0)
-    packing: bool = True
-    zero_stage: Literal[2, 3] = 2
+    max_len: int = Field(1024, gt=0, description="Tokens per training sequence (Lion: 1024).")
+    truncation: Literal["drop", "truncate"] = Field("drop", description=(
+        "A row longer than max_len: 'drop' leaves it out (counted in the summary, its id listed); "
+        "'truncate' keeps its first max_len tokens when some of the answer is left."))
+    packing: bool = Field(True, description=(
+        "Pack several rows into each max_len sequence; attention never crosses from one to another."))
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage: training/deepspeed/zero{2,3}.json.")
     bf16: Literal["auto", "on", "off"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = True
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
-    system_prompt: Optional[str] = None
+    system_prompt: Optional[str] = Field(None, description="Without one, the chat template's own default.")
+    checkpoint_every_steps: int = Field(50, gt=0, description=(
+        "Optimizer steps between checkpoints (one is also taken at the end); a killed run resumes there."))
+    eval_fraction: float = Field(0.02, ge=0, lt=1, description=(
+        "Share of the training rows held out to measure loss and perplexity before and after each epoch."))
+    eval_max_rows: int = Field(200, ge=0)
+    max_failures: int = Field(0, ge=0, description="Worker failures Ray Train recovers from by itself.")
+    seed: int = 0
 
 
 class EvalConfig(Section):

@@ -244,7 +244,7 @@ def _is_hf_dir(path: Path) -> bool:
     return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
 
 
-def _source_files(source: str, fmt: str) -> list[tuple[Path, str]]:
+def source_files(source: str, fmt: str) -> list[tuple[Path, str]]:
     """Expands one source into (file, format) pairs; formats still 'auto' are decided while reading."""
     path = bundled_sample_path() if source == BUNDLED_SAMPLE else Path(source).expanduser()
     if not path.exists():
@@ -255,7 +255,7 @@ def _source_files(source: str, fmt: str) -> list[tuple[Path, str]]:
         files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
         if not files:
             raise PoolImportError(f"{source}: directory holds no .jsonl, .json or .parquet file")
-        return [pair for f in files for pair in _source_files(str(f), fmt)]
+        return [pair for f in files for pair in source_files(str(f), fmt)]
     if fmt == "auto" and path.suffix == ".parquet":
         fmt = "parquet"
     return [(path, fmt)]
@@ -313,7 +313,7 @@ def import_pool(sources: list[str], out: store.Location, pool: PoolConfig,
             raise PoolImportError(f"{out.uri}: output directory is not empty; pass --overwrite to replace "
                                   "a previous import")
         _clear_previous_import(out)
-    files = [pair for source in sources for pair in _source_files(source, pool.format)]
+    files = [pair for source in sources for pair in source_files(source, pool.format)]
     out.makedirs()
     summary = ImportSummary(sources=[str(p) for p, _ in files], out=out.uri)
     writer = _ShardWriter(out, pool.rows_per_shard)
@@ -375,18 +375,25 @@ def read_pool(location: store.Location) -> pa.Table:
 def check_shards(location: store.Location, required: tuple[str, ...] = POOL_COLUMNS) -> int:
     """Rows in the pool, after checking every shard's footer: an unreadable shard, a shard without a
     required column or a pool without rows stops here, naming the shard, before any work is started."""
+    return check_parquet_files(pool_shards(location), location, required, "pool", PoolImportError)
+
+
+def check_parquet_files(files: list[str], location: store.Location, required: tuple[str, ...], what: str,
+                        error: type[Exception]) -> int:
+    """Rows in `files` (of `location`'s file system), reading only their footers; `error` names the file
+    that is unreadable or lacks a required column, or says that `what` has no rows."""
     rows = 0
-    for path in pool_shards(location):
+    for path in files:
         try:
             metadata = pq.read_metadata(path, filesystem=location.fs)
         except (OSError, pa.ArrowException) as err:
-            raise PoolImportError(f"{path}: unreadable pool shard ({err})") from None
+            raise error(f"{path}: unreadable {what} file ({err})") from None
         missing = [c for c in required if c not in metadata.schema.names]
         if missing:
-            raise PoolImportError(f"{path}: pool shard lacks column(s) {', '.join(missing)}")
+            raise error(f"{path}: {what} file lacks column(s) {', '.join(missing)}")
         rows += metadata.num_rows
     if rows == 0:
-        raise PoolImportError(f"{location.uri}: the pool is empty (its shards hold no rows)")
+        raise error(f"{location.uri}: the {what} is empty (its files hold no rows)")
     return rows
 
 

@@ -88,11 +88,15 @@ def write_parquet(location: Location, name: str, table: pa.Table) -> str:
     return _commit(location, name, lambda fs, path: pq.write_table(table, path, filesystem=fs))
 
 
-def write_text(location: Location, name: str, text: str) -> str:
+def write_bytes(location: Location, name: str, data: bytes) -> str:
     def write(fs: pafs.FileSystem, path: str) -> None:
         with fs.open_output_stream(path) as out:
-            out.write(text.encode("utf-8"))
+            out.write(data)
     return _commit(location, name, write)
+
+
+def write_text(location: Location, name: str, text: str) -> str:
+    return write_bytes(location, name, text.encode("utf-8"))
 
 
 def write_json(location: Location, name: str, data: Any) -> str:
@@ -106,3 +110,30 @@ def read_json(location: Location, name: str) -> Optional[Any]:
         return None
     with location.fs.open_input_stream(path) as stream:
         return json.loads(stream.read())
+
+
+def publish_dir(local_dir: str, location: Location, last: str = "config.json") -> None:
+    """Copies a local directory to `location` so that a reader never takes a half-copied one for whole:
+    on a local file system it appears by one rename (replacing what was there); on object storage the
+    file `last` (what readers check for) is written after every other."""
+    local = pafs.LocalFileSystem()
+    if location.is_local:
+        staging = f"{location.path.rstrip('/')}.{uuid.uuid4().hex}.tmp"
+        location.fs.create_dir(staging, recursive=True)
+        pafs.copy_files(local_dir, staging, source_filesystem=local, destination_filesystem=location.fs)
+        if location.exists():
+            location.fs.delete_dir(location.path)
+        location.fs.move(staging, location.path)
+        return
+    location.fs.delete_dir_contents(location.path, missing_dir_ok=True)
+    names = sorted(p.name for p in Path(local_dir).iterdir() if p.is_file())
+    for name in sorted(names, key=lambda n: n == last):
+        pafs.copy_files(f"{local_dir}/{name}", f"{location.path.rstrip('/')}/{name}",
+                        source_filesystem=local, destination_filesystem=location.fs)
+
+
+def copy_dir(local_dir: str, location: Location) -> None:
+    """Copies (overwriting) a local directory's files into `location`: logs written on a worker."""
+    location.makedirs()
+    pafs.copy_files(local_dir, location.path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=location.fs)

@@ -127,11 +127,11 @@ def test_pool_shards_are_checked_before_any_work_naming_the_shard(tmp_path):
     assert check_shards(store.locate(str(tmp_path))) == 1
 
     write_shard(tmp_path, "part-00001.parquet", good.drop_columns(["input"]))
-    with pytest.raises(PoolImportError, match=r"part-00001\.parquet: pool shard lacks column\(s\) input"):
+    with pytest.raises(PoolImportError, match=r"part-00001\.parquet: pool file lacks column\(s\) input"):
         check_shards(store.locate(str(tmp_path)))
 
     (tmp_path / "part-00001.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(PoolImportError, match=r"part-00001\.parquet: unreadable pool shard"):
+    with pytest.raises(PoolImportError, match=r"part-00001\.parquet: unreadable pool file"):
         check_shards(store.locate(str(tmp_path)))
 
 

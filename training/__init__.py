@@ -1,5 +1,9 @@
-"""Fine-tuning: the task classifier, and (next) the student SFT with Ray Train and DeepSpeed."""
+"""Fine-tuning: the task classifier, and the student SFT with Ray Train and DeepSpeed."""
 
 
 class TrainingDataError(ValueError):
     """The training data cannot train a model (missing, empty, too few rows); raised before any work starts."""
+
+
+class CheckpointMismatch(ValueError):
+    """A training checkpoint left by a run with other settings or data; resuming from it would mix the two."""
