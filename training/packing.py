@@ -1,9 +1,9 @@
 """Packing tokenized rows into training sequences, and turning sequences into model inputs.
 
 Rows are packed best-fit-decreasing into sequences of at most `max_len` tokens. Inside a sequence each
-row keeps its own positions (0, 1, … restarting at every row); given those `position_ids` and no
-attention mask, transformers builds a block-diagonal causal mask (`find_packed_sequence_indices`), so
-no token attends to another row. Padding at the end of a micro-batch is one more block, with labels
+row keeps its own positions (0, 1, … restarting at every row); given those `position_ids`, no attention
+mask and no KV cache (`use_cache=False`), transformers builds a block-diagonal causal mask
+(`find_packed_sequence_indices`), so no token attends to another row. Padding at the end of a micro-batch is one more block, with labels
 ignored. Without packing every row is its own sequence and the same code path applies.
 """
 from __future__ import annotations

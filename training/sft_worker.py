@@ -66,9 +66,11 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(training.seed)
 
     model = AutoModelForCausalLM.from_pretrained(plan.model_dir, dtype=torch.float32)
+    # Without a KV cache only: with one, transformers does not derive the packed rows' block-diagonal mask
+    # from position_ids, and attention crosses between rows (tests/test_sft_data.py shows both).
+    model.config.use_cache = False
     if training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=steps.warmup_steps,
                               num_training_steps=max(1, steps.total_steps))
