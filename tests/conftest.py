@@ -26,3 +26,17 @@ def prepared_student(model_cache) -> Path:
     from pipeline.models import prepare_bundled_student
 
     return prepare_bundled_student(model_cache)
+
+
+def kill_when(process, ready, timeout_s: float, output) -> None:
+    """SIGKILLs `process` as soon as `ready()` holds; fails if the process ended first (nothing was
+    interrupted, so a resume test would prove nothing). `output`: the stream its error output is read from."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert process.poll() is None, f"the first run ended before it could be killed:\n{output.read()[-3000:]}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()

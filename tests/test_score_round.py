@@ -5,10 +5,8 @@ must come out exactly once, and paid calls whose answers were written must not b
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
+from conftest import kill_when
 from pipeline.llm.emulated_api import EmulatedAPI
 from pipeline.llm.judge import request_text
 
@@ -67,12 +66,7 @@ def test_a_killed_scoring_round_resumes_with_every_row_once_and_no_answered_call
         run = tmp_path / "run"
 
         killed = start_score(config, env)
-        deadline = time.monotonic() + 480
-        while len(written_files(run)) < 2 and killed.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert killed.poll() is None, f"the first run ended before it could be killed:\n{killed.stderr.read()[-3000:]}"
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
+        kill_when(killed, lambda: len(written_files(run)) >= 2, 480, killed.stderr)
         calls_before_resume = Counter(api.stats.answered_prompts)
         ids_before_resume = {i for f in written_files(run) for i in pads.dataset(f).to_table(columns=["id"])
                              .column("id").to_pylist()}

@@ -1,16 +1,16 @@
 """`tapir train` end to end: Ray Train + DeepSpeed ZeRO-2 (gloo, CPU) on real Alpaca rows, killed with SIGKILL
 mid-epoch and run again; the trained model is a safetensors directory that vLLM answers from."""
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from conftest import kill_when
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +52,7 @@ def test_a_killed_training_run_resumes_at_its_step_and_exports_a_model_vllm_load
     command = [TAPIR, "train", str(config), "--data", str(data)]
 
     killed = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    deadline = time.monotonic() + 600
-    while len(step_records(run)) < 3 and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert killed.poll() is None, f"the first run ended before it could be killed:\n{killed.stdout.read()[-3000:]}"
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_when(killed, lambda: len(step_records(run)) >= 3, 600, killed.stdout)
     steps_before = [r["step"] for r in step_records(run)]
 
     resumed = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
