@@ -28,7 +28,8 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
-from pipeline.models import prepare_bundled_student
+from pipeline.config import RunConfig
+from pipeline.models import resolve_model
 from training.chat_format import ChatTokenizer
 from training.packing import pack
 
@@ -101,7 +102,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
-    model_dir = str(prepare_bundled_student(Path("~/.cache/tapir/models").expanduser()))
+    defaults = RunConfig()
+    model_dir = resolve_model(defaults.student.model, defaults.storage.cache_dir)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "command": " ".join(sys.argv), "fill_whole_file_max_len_1024": fill_on_whole_file(
                   rows, model_dir, 1024, 4)}
