@@ -17,9 +17,10 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Optional
+
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline import store
 from pipeline.config import TrainingConfig
@@ -88,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("%s step %d of %d", "resuming at" if global_step else "starting at", global_step,
                  steps.total_steps)
 
-    collate_fn = partial(collate, pad_token_id=plan.pad_token_id)
+    collate_fn = _Collate(plan.pad_token_id)
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if plan.evaluate else None
     if eval_shard is not None and global_step == 0:
@@ -131,6 +132,16 @@ def train_loop_per_worker(config: dict) -> None:
     if logs:
         logs.close()
     ray.train.report({"global_step": global_step})
+
+
+class _Collate(NumpyBatchCollateFn):
+    """training.packing.collate in the form Ray Data's iter_torch_batches takes."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch):
+        return collate(batch, self.pad_token_id)
 
 
 class _Window:
