@@ -27,6 +27,20 @@ def run_dir(config: RunConfig) -> store.Location:
     return store.locate(config.storage.run_dir, config.storage.s3_endpoint_url)
 
 
+def round_location(config: RunConfig, round_index: int) -> store.Location:
+    return run_dir(config).child(f"round_{round_index}")
+
+
+def model_location(config: RunConfig, round_index: int) -> store.Location:
+    """The student trained in that round: the next round's student."""
+    return round_location(config, round_index).child("model")
+
+
+def checkpoint_location(config: RunConfig, round_index: int, stage: str) -> store.Location:
+    """Where a stage of the round keeps what lets a killed run resume (deleted once the stage is done)."""
+    return round_location(config, round_index).child("checkpoint", stage)
+
+
 def classifier_dir(config: RunConfig) -> Path:
     location = run_dir(config).child("classifier", "model")
     if not location.is_local:
@@ -78,7 +92,7 @@ def apply(config: RunConfig, round_index: int = 0) -> dict:
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: no trained classifier; run `tapir classifier train` first")
     pool_dir, _ = ensure_pool(config)
-    out = run_dir(config).child(f"round_{round_index}", "classify")
+    out = round_location(config, round_index).child("classify")
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         endpoint = None

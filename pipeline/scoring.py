@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import store
-from pipeline.classification import classified, ensure_classifier, export_key, run_dir
+from pipeline.classification import (checkpoint_location, classified, ensure_classifier, export_key,
+                                     model_location, round_location)
 from pipeline.config import RunConfig
 from pipeline.llm.client import EndpointError
 from pipeline.llm.endpoint import OpenEndpoint, open_endpoint
@@ -47,11 +48,7 @@ _PLUMBING = ("StreamingRepartition", "ListFiles")
 
 
 def score_location(config: RunConfig, round_index: int) -> store.Location:
-    return run_dir(config).child(f"round_{round_index}", STAGE)
-
-
-def checkpoint_location(config: RunConfig, round_index: int) -> store.Location:
-    return run_dir(config).child(f"round_{round_index}", "checkpoint", STAGE)
+    return round_location(config, round_index).child(STAGE)
 
 
 def config_hash(config: RunConfig) -> str:
@@ -63,7 +60,7 @@ def student_model(config: RunConfig, round_index: int) -> str:
     """Round 0 scores the configured student; round r the student trained in round r-1."""
     if round_index == 0:
         return resolve_model(config.student.model, config.storage.cache_dir)
-    trained = run_dir(config).child(f"round_{round_index - 1}", "model")
+    trained = model_location(config, round_index - 1)
     if not (trained.is_local and trained.child("config.json").exists()):
         raise FileNotFoundError(f"{trained.uri}: no student trained in round {round_index - 1}; "
                                 f"train it before scoring round {round_index}")
@@ -98,7 +95,7 @@ def score(config: RunConfig, round_index: int = 0, progress: bool = True) -> dic
                          "wall_s": round(time.perf_counter() - started, 2)})
     store.write_json(out, store.MANIFEST, summary)
     if summary["complete"]:
-        checkpoint = checkpoint_location(config, round_index)
+        checkpoint = checkpoint_location(config, round_index, STAGE)
         checkpoint.fs.delete_dir_contents(checkpoint.path, missing_dir_ok=True)
     return summary
 
@@ -116,7 +113,7 @@ def _run(config: RunConfig, round_index: int, pool_dir: store.Location, classifi
 
     init_ray(config.ray, min_cpus=job_cpus(config))
     limits = run_limits(config)
-    out, checkpoint = score_location(config, round_index), checkpoint_location(config, round_index)
+    out, checkpoint = score_location(config, round_index), checkpoint_location(config, round_index, STAGE)
     context = ray.data.DataContext.get_current()
     context.checkpoint_config = CheckpointConfig(
         id_column="id", checkpoint_path=checkpoint.path, override_filesystem=checkpoint.fs,

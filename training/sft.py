@@ -20,11 +20,11 @@ import time
 import pyarrow.dataset as pads
 
 from pipeline import store
+from pipeline.classification import checkpoint_location, model_location
 from pipeline.config import RunConfig, TrainingConfig
 from pipeline.scoring import config_hash, student_model
 from training import CheckpointMismatch
-from training.sft_data import (packed_location, prepare, round_location, sft_location,
-                               training_set_location)
+from training.sft_data import packed_location, prepare, sft_location, training_set_location
 from training.sft_worker import METRICS_FILE, WorkerPlan, train_loop_per_worker
 from training.steps import StepPlan, plan_steps
 
@@ -36,14 +36,6 @@ SMOKE_MAX_TOKENS = 64
 _RESUME_KEY_FILE = "_tapir_run.json"
 # Settings that change nothing of what was trained, so a run may resume with them changed.
 _RESUME_NEUTRAL = ("checkpoint_every_steps", "max_failures")
-
-
-def model_location(config: RunConfig, round_index: int) -> store.Location:
-    return round_location(config, round_index).child("model")
-
-
-def checkpoint_location(config: RunConfig, round_index: int) -> store.Location:
-    return round_location(config, round_index).child("checkpoint", STAGE)
 
 
 def uses_bf16(training: TrainingConfig) -> bool:
@@ -82,7 +74,7 @@ def train(config: RunConfig, round_index: int = 0) -> dict:
     init_ray(config.ray, min_cpus=training.num_workers + 3)
     data = prepare(config, round_index, model_dir)
     steps = plan_steps(training, data["train_sequences"]["sequences"])
-    checkpoints = checkpoint_location(config, round_index)
+    checkpoints = checkpoint_location(config, round_index, STAGE)
     key = resume_key(training, data["key"], model_dir)
     _claim_checkpoints(checkpoints, key)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

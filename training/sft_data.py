@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import store
-from pipeline.classification import run_dir
+from pipeline.classification import round_location
 from pipeline.config import RunConfig
 from pipeline.pool import check_parquet_files, import_pool, source_files
 from training import TrainingDataError
@@ -31,10 +31,6 @@ TOKENIZE_BATCH_ROWS = 512
 PACK_WINDOW_ROWS = 4096      # rows packed together; larger windows pack tighter (measured in docs/benchmarks.md)
 TRAINABLE = ("ok", "truncated")
 LISTED_IDS = 20              # ids of dropped rows kept in the summary (the tokenized rows hold all of them)
-
-
-def round_location(config: RunConfig, round_index: int) -> store.Location:
-    return run_dir(config).child(f"round_{round_index}")
 
 
 def training_set_location(config: RunConfig, round_index: int) -> store.Location:
@@ -80,9 +76,10 @@ def prepare(config: RunConfig, round_index: int, model_dir: str) -> dict:
     """Tokenizes and packs the round's training set; returns (and writes) the data summary."""
     import ray.data
 
-    files, rows = check_training_set(training_set_location(config, round_index))
+    train_set = training_set_location(config, round_index)
+    files, rows = check_training_set(train_set)
     out = sft_location(config, round_index).child("data")
-    key = data_key(config, model_dir, files, training_set_location(config, round_index))
+    key = data_key(config, model_dir, files, train_set)
     done = store.read_json(out, store.MANIFEST)
     if done and done.get("key") == key:
         return done
@@ -90,7 +87,6 @@ def prepare(config: RunConfig, round_index: int, model_dir: str) -> dict:
     training = config.training
     eval_fraction = min(training.eval_fraction, training.eval_max_rows / rows)
     tokenized = out.child("tokenized")
-    train_set = training_set_location(config, round_index)
     (ray.data.read_parquet(train_set.path, filesystem=train_set.fs, file_extensions=["parquet"])
      .map_batches(ChatTokenizer, fn_constructor_kwargs={
          "model_dir": model_dir, "max_len": training.max_len, "truncation": training.truncation,
