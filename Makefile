@@ -1,4 +1,4 @@
-# Two commands: `make demo` (install, prepare the bundled models, run the local end-to-end path)
+# Two commands: `make demo` (install, prepare the bundled models, run two TAPIR rounds locally)
 # and `make test` (install, run the test suite). Both create .venv on first use.
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -24,7 +24,7 @@ $(INSTALLED): pyproject.toml Makefile
 
 demo: install
 	$(BIN)/tapir models prepare
-	$(BIN)/tapir check configs/local.yaml
+	$(BIN)/tapir run configs/local.yaml
 
 test: install
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)

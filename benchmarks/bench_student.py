@@ -78,7 +78,7 @@ def pipeline(config: StudentConfig, model_dir: str, rows: list[dict], work: Path
     import ray
     import ray.data
 
-    from pipeline.scoring import stage_times
+    from pipeline.jobs import stage_times
     from pipeline.stages.student import generate
 
     source = work / "prompts"

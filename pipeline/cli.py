@@ -192,6 +192,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["complete"] else 1
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline import rounds
+
+    config = _config(args.config)
+    state = rounds.run(config, progress=sys.stderr.isatty())
+    location = rounds.run_dir(config).child(rounds.STATE_FILE).uri
+    if state["status"] == "finished":
+        print(f"run finished: {config.curriculum.rounds} round(s); spent ${state['spent_usd']:.4f}; state in {location}")
+        return 0
+    print(f"run {state['status']} in round {state.get('round')} at stage {state.get('stage')}: "
+          f"{state['stopped_because']}\neverything written so far is kept; run the same command to continue "
+          f"(state in {location})")
+    return 3 if state["status"] == "stopped" else 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pipeline import rounds
+
+    print(f"wrote {rounds.request_stop(_config(args.config))}: the run stops before its next stage")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tapir", description="TAPIR curriculum distillation on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -252,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="import this file or directory (any `tapir pool import` format, answers in "
                                       "'output') as the round's training set first")
     train.set_defaults(run=cmd_train)
+
+    run_cmd = commands.add_parser("run", help="all of TAPIR, every round: score, plan, expand, respond, train")
+    run_cmd.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+    run_cmd.set_defaults(run=cmd_run)
+
+    stop = commands.add_parser("stop", help="ask a running `tapir run` to stop cleanly before its next stage")
+    stop.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+    stop.set_defaults(run=cmd_stop)
 
     check = commands.add_parser("check", help="models, pool, local teacher and one chat completion, end to end")
     check.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")

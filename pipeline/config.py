@@ -204,7 +204,7 @@ class CurriculumConfig(Section):
 
 
 class ScoringConfig(Section):
-    """The scoring round's endpoint stages: the teacher's answers and the pairwise judge."""
+    """Every endpoint stage of a round: the teacher's answers, the pairwise judge, expansion and the styled answers."""
 
     teacher_max_tokens: int = Field(512, gt=0, description="Longest answer the teacher writes for a row.")
     teacher_temperature: float = Field(0.0, ge=0)
@@ -213,6 +213,31 @@ class ScoringConfig(Section):
         "Actors of each endpoint stage; every actor has its own HTTP session, all share the run's limits."))
     batches_in_flight_per_actor: int = Field(4, gt=0, description=(
         "Batches an endpoint actor works on at once, so one slow answer does not hold the stage."))
+
+
+class ExpansionConfig(Section):
+    """The teacher writing new instructions from the round's seeds (Lion's generator), one seed per request."""
+
+    hard_prompt: str = Field("expand_hard", description=(
+        "Prompt for a hard seed: a bundled name (pipeline/prompts/NAME.txt) or a path to a text file with $seed."))
+    easy_prompt: str = Field("expand_easy", description="Prompt for an easy seed (same domain, rarer).")
+    max_tokens: int = Field(256, gt=0, description="A reply cut off at this length is dropped, not kept half.")
+    temperature: float = Field(0.7, ge=0, description="Some randomness, so that repeated seeds differ.")
+    min_words: int = Field(4, gt=0, description="Lion drops instructions of three words or fewer.")
+    rouge_l_threshold: float = Field(0.7, gt=0, le=1, description=(
+        "A new instruction whose ROUGE-L against the pool or a kept new one exceeds it is a near-duplicate."))
+
+
+class RespondConfig(Section):
+    """The teacher answering the round's training instructions with a style chosen by task (TAPIR)."""
+
+    styles: dict[str, str] = Field(default_factory=lambda: {
+        "Math": "style_step_by_step", "Reasoning": "style_step_by_step",
+        "Code Generation": "style_code", "Code Debug": "style_code"}, description=(
+        "Task → system prompt (a bundled name in pipeline/prompts/ or a text file's path)."))
+    default_style: str = Field("style_detailed", description="The style of every task not listed in styles.")
+    max_tokens: int = Field(1024, gt=0)
+    temperature: float = Field(0.0, ge=0)
 
 
 class TrainingConfig(Section):
@@ -261,6 +286,8 @@ class RunConfig(Section):
     classifier: ClassifierConfig = ClassifierConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
     scoring: ScoringConfig = ScoringConfig()
+    expansion: ExpansionConfig = ExpansionConfig()
+    respond: RespondConfig = RespondConfig()
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
     max_cost_usd: Optional[float] = Field(None, gt=0, description=(

@@ -105,3 +105,21 @@ def total_variation(mix: dict[str, int], targets: dict[str, float]) -> float:
         return 1.0
     names = set(mix) | set(targets)
     return 0.5 * sum(abs(mix.get(n, 0) / total - targets.get(n, 0.0)) for n in names)
+
+
+def expansion_seeds(hard_ids: Sequence[str], easy_ids: Sequence[str], count: int, alpha: float, round_index: int,
+                    seed: int) -> list[tuple[str, str]]:
+    """`count` (seed id, "hard"|"easy") pairs, one per expansion request: a share α of them from hard seeds (all
+    of them when there is no easy seed, none when there is no hard one). Each side goes through its seeds in a
+    seeded order, and round again when it needs more requests than it has seeds."""
+    if not hard_ids and not easy_ids:
+        return []
+    hard_count = round(alpha * count) if easy_ids else count
+    hard_count = hard_count if hard_ids else 0
+    rng = random.Random(f"{seed}:{round_index}:expand")
+    chosen = []
+    for difficulty, ids, wanted in (("hard", hard_ids, hard_count), ("easy", easy_ids, count - hard_count)):
+        order = sorted(set(ids))
+        rng.shuffle(order)
+        chosen.extend((order[i % len(order)], difficulty) for i in range(wanted))
+    return chosen

@@ -29,9 +29,13 @@ def init_ray(config: RayConfig, min_cpus: int = 1) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 
-def run_limits(config: RunConfig):
-    """The run's cluster-wide rate limits and budget (a named actor), with the teacher and judge registered."""
+def run_limits(config: RunConfig, spent_before_usd: float = 0.0):
+    """The run's cluster-wide rate limits and budget (a named actor), with the teacher and judge registered.
+
+    The actor is created by the first call of a command and found by name afterwards; `spent_before_usd`
+    (what earlier invocations of a resumed run spent) counts against the budget of the one it creates."""
     from pipeline.llm.shared_limits import shared_limits
 
+    budget = None if config.max_cost_usd is None else max(0.0, config.max_cost_usd - spent_before_usd)
     return shared_limits(Path(config.storage.run_dir).name, [config.teacher, config.effective_judge],
-                         config.max_cost_usd, config.ray.namespace)
+                         budget, config.ray.namespace)

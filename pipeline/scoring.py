@@ -1,12 +1,7 @@
 """`tapir score`: one scoring round, pool → classify → student → teacher → judge → run/round_R/score/.
 
 One streaming Ray Dataset from the pool's shards to the scored Parquet files, so every stage works at
-once (each has its own progress bar). Resume is Ray Data's row-level checkpointing: before a data file
-is written its ids go to a pending checkpoint, after it they are committed; a re-run deletes data files
-whose checkpoint is still pending and skips every committed id. Rows in flight when the job died are
-done again, and their paid calls sent again: at most the batches in flight then. Ray is told not to
-delete the checkpoint on success; it is deleted here after the manifest is written, so a kill between
-the two cannot make a re-run start over and write every row twice.
+once (each has its own progress bar); resumable under kill -9 (pipeline/jobs.py).
 """
 from __future__ import annotations
 
@@ -14,10 +9,10 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import logging
 import math
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
@@ -25,26 +20,20 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import store
-from pipeline.classification import (checkpoint_location, classified, ensure_classifier, export_key,
-                                     model_location, round_location)
+from pipeline.classification import (checkpoint_location, classified, ensure_classifier, model_location,
+                                     round_location)
 from pipeline.config import RunConfig
-from pipeline.llm.client import EndpointError
-from pipeline.llm.endpoint import OpenEndpoint, open_endpoint
-from pipeline.llm.limits import BudgetExceeded, cost_usd
-from pipeline.llm.secret import MissingSecretError
+from pipeline.jobs import finish, read_parquet, write_checkpointed
+from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
+from pipeline.llm.limits import cost_usd
 from pipeline.models import resolve_model
 from pipeline.pool import check_shards, ensure_pool
 
-log = logging.getLogger(__name__)
 
 STAGE = "score"
 # What the stage summary reads back from the written rows (never the responses: the summary stays small).
 _SUMMARY_COLUMNS = ["id", "status", "mfd", "student_tokens", "teacher_prompt_tokens", "teacher_completion_tokens",
                     "judge_prompt_tokens", "judge_completion_tokens"]
-# Errors raised inside a stage that the user must act on; they reach the driver wrapped by Ray.
-_STOPPING_ERRORS = (BudgetExceeded, EndpointError, MissingSecretError)
-# Operators that only move rows between stages; their spans say nothing about where the time goes.
-_PLUMBING = ("StreamingRepartition", "ListFiles")
 
 
 def score_location(config: RunConfig, round_index: int) -> store.Location:
@@ -67,45 +56,53 @@ def student_model(config: RunConfig, round_index: int) -> str:
     return trained.path
 
 
-def score(config: RunConfig, round_index: int = 0, progress: bool = True) -> dict:
+def score(config: RunConfig, round_index: int = 0, progress: bool = True,
+          endpoints: Optional[RunEndpoints] = None) -> dict:
     """Scores the pool for one round and returns the stage summary (also written as its manifest).
 
+    Round 0 reads the pool and classifies it; a later round reads round 0's scored rows, so the task labels
+    and the teacher's answers are reused (no call is paid twice) and only the new student and the judge run.
     A finished round is not scored again; an interrupted one continues with the rows not yet written.
+    `endpoints`: the run's open teacher and judge; without them they are opened (and closed) here.
     """
     out = score_location(config, round_index)
     finished = store.read_json(out, store.MANIFEST)
     if finished and finished.get("complete"):
         return {**finished, "skipped": True}
-    pool_dir, _ = ensure_pool(config)
-    rows_in = check_shards(pool_dir)
+    source, rows_in = _source(config, round_index)
     student_dir = student_model(config, round_index)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        teacher = stack.enter_context(open_endpoint(config.teacher, config.storage.cache_dir))
-        judge = teacher if config.judge is None else stack.enter_context(
-            open_endpoint(config.judge, config.storage.cache_dir, role="judge"))
-        classifier_dir = ensure_classifier(config, teacher, progress)
-        export_key(config.teacher, teacher)
-        export_key(config.effective_judge, judge)
+        endpoints = endpoints or RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack)
+        teacher, judge = endpoints.teacher(), endpoints.judge()
+        classifier_dir = ensure_classifier(config, teacher, progress) if round_index == 0 else None
         job_started = time.perf_counter()
-        stages, spent = _run(config, round_index, pool_dir, str(classifier_dir), student_dir, teacher, judge)
+        stages, spent = _run(config, round_index, source, classifier_dir, student_dir, teacher, judge)
         job_s = time.perf_counter() - job_started
     summary = summarise(config, round_index, rows_in, read_scored(out), stages, spent,
                         {"setup_s": round(job_started - started, 2), "job_s": round(job_s, 2),
                          "wall_s": round(time.perf_counter() - started, 2)})
     store.write_json(out, store.MANIFEST, summary)
     if summary["complete"]:
-        checkpoint = checkpoint_location(config, round_index, STAGE)
-        checkpoint.fs.delete_dir_contents(checkpoint.path, missing_dir_ok=True)
+        finish(checkpoint_location(config, round_index, STAGE))
     return summary
 
 
-def _run(config: RunConfig, round_index: int, pool_dir: store.Location, classifier_dir: str, student_dir: str,
-         teacher: OpenEndpoint, judge: OpenEndpoint) -> tuple[list[dict], dict]:
-    """The streaming job; returns the time of each stage and the API usage of this invocation."""
-    import ray.data
-    from ray.data.checkpoint import CheckpointConfig
+def _source(config: RunConfig, round_index: int) -> tuple[store.Location, int]:
+    """What the round scores, and its row count: the pool in round 0, round 0's scored rows afterwards."""
+    if round_index == 0:
+        pool_dir, _ = ensure_pool(config)
+        return pool_dir, check_shards(pool_dir)
+    first = score_location(config, 0)
+    manifest = store.read_json(first, store.MANIFEST)
+    if not (manifest and manifest.get("complete")):
+        raise FileNotFoundError(f"{first.uri}: round 0 is not scored; score it before round {round_index}")
+    return first, manifest["rows_out"]
 
+
+def _run(config: RunConfig, round_index: int, source: store.Location, classifier_dir: Optional[Path],
+         student_dir: str, teacher: OpenEndpoint, judge: OpenEndpoint) -> tuple[list[dict], dict]:
+    """The streaming job; returns the time of each stage and the API usage of this invocation."""
     from pipeline.ray_runtime import init_ray, run_limits
     from pipeline.stages.judge import judged
     from pipeline.stages.student import generate
@@ -113,24 +110,19 @@ def _run(config: RunConfig, round_index: int, pool_dir: store.Location, classifi
 
     init_ray(config.ray, min_cpus=job_cpus(config))
     limits = run_limits(config)
-    out, checkpoint = score_location(config, round_index), checkpoint_location(config, round_index, STAGE)
-    context = ray.data.DataContext.get_current()
-    context.checkpoint_config = CheckpointConfig(
-        id_column="id", checkpoint_path=checkpoint.path, override_filesystem=checkpoint.fs,
-        delete_checkpoint_on_success=False)
-    try:
-        dataset = ray.data.read_parquet(pool_dir.path, filesystem=pool_dir.fs, file_extensions=["parquet"])
-        dataset = classified(dataset, config, classifier_dir, teacher)
+
+    def build():
+        dataset = read_parquet(source)
+        if classifier_dir is not None:
+            dataset = classified(dataset, config, classifier_dir, teacher)
         dataset = generate(dataset, student_dir, config.student)
         dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring,
                            config.curriculum.keep_reference_outputs)
-        dataset = judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring)
-        dataset.write_parquet(out.path, filesystem=out.fs)
-    except Exception as err:
-        raise _stopping_cause(err) or err
-    finally:
-        context.checkpoint_config = None
-    return stage_times(dataset), asyncio.run(limits.usage_by_stage())
+        return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring)
+
+    stages = write_checkpointed(build, score_location(config, round_index),
+                                checkpoint_location(config, round_index, STAGE), limits)
+    return stages, asyncio.run(limits.usage_by_stage())
 
 
 def job_cpus(config: RunConfig) -> int:
@@ -141,37 +133,6 @@ def job_cpus(config: RunConfig) -> int:
     endpoint_stages = 2 + int(config.classifier.teacher_relabels_low_confidence)
     endpoint_actors = endpoint_stages * config.scoring.actors_per_stage * ENDPOINT_ACTOR_CPUS
     return config.classifier.num_actors + config.student.num_actors + 1 + math.ceil(endpoint_actors) + 2
-
-
-def _stopping_cause(err: BaseException) -> Optional[BaseException]:
-    """The user-facing error inside Ray's wrapping of a stage failure (budget reached, key refused), if any."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, _STOPPING_ERRORS):
-            return err
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
-    return None
-
-
-def stage_times(dataset) -> list[dict]:
-    """Per operator: the span it was running (first task start to last task end) and its summed task time."""
-    try:
-        # Ray Data has no public structured form of ds.stats(); a write's stats live on the dataset it ran
-        summary = dataset._write_ds._get_stats_summary()
-    except Exception:                    # stats are for the report; the scored rows do not depend on them
-        log.warning("Ray Data stats unavailable; the manifest has no per-stage times", exc_info=True)
-        return []
-    operators, pending = [], [summary]
-    while pending:
-        node = pending.pop()
-        operators.extend(node.operators_stats)
-        pending.extend(node.parents)
-    return [{"stage": op.operator_name, "active_s": round(op.latest_end_time - op.earliest_start_time, 2),
-             "task_s": round(op.wall_time.sum, 2) if op.wall_time else None}
-            for op in sorted(operators, key=lambda o: o.earliest_start_time or 0)
-            if op.earliest_start_time is not None and op.latest_end_time is not None
-            and not op.operator_name.startswith(_PLUMBING)]
 
 
 def read_scored(location: store.Location) -> pa.Table:

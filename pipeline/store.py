@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -68,8 +69,9 @@ def locate(uri: str, s3_endpoint_url: Optional[str] = None) -> Location:
 
 
 def _commit(location: Location, name: str, write) -> str:
-    """Runs `write(fs, path)` so that `name` appears in `location` whole or not at all."""
+    """Runs `write(fs, path)` so that `name` appears in `location` (created if needed) whole or not at all."""
     final = f"{location.path.rstrip('/')}/{name}"
+    location.makedirs()
     if not location.is_local:
         write(location.fs, final)
         return final
@@ -137,3 +139,11 @@ def copy_dir(local_dir: str, location: Location) -> None:
     location.makedirs()
     pafs.copy_files(local_dir, location.path, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=location.fs)
+
+
+def read_table(location: Location, columns: Optional[list[str]] = None) -> Optional[pa.Table]:
+    """Every Parquet file directly in the directory as one table; None when there is none."""
+    files = location.list_files(".parquet")
+    if not files:
+        return None
+    return pads.dataset(files, filesystem=location.fs, format="parquet").to_table(columns=columns)

@@ -70,3 +70,19 @@ def test_task_resampling_on_the_alpaca_pool_moves_the_mix_toward_the_target(shar
     assert len(plan.indices) == 1000
     assert total_variation(plan.task_mix, reachable) < 0.005 < 0.1 < total_variation(Counter(tasks), reachable)
     assert before > 0.5
+
+
+def test_expansion_seeds_split_by_the_hard_share_and_cycle_through_every_seed():
+    from pipeline.curriculum import expansion_seeds
+
+    hard, easy = ["h1", "h2", "h3"], [f"e{i}" for i in range(10)]
+    seeds = expansion_seeds(hard, easy, 10, 0.75, round_index=1, seed=0)
+    assert Counter(d for _, d in seeds) == {"hard": 8, "easy": 2}
+    hard_seeds = Counter(s for s, d in seeds if d == "hard")
+    assert set(hard_seeds) == set(hard) and max(hard_seeds.values()) - min(hard_seeds.values()) <= 1
+    assert seeds == expansion_seeds(hard, easy, 10, 0.75, round_index=1, seed=0)        # deterministic
+    assert seeds != expansion_seeds(hard, easy, 10, 0.75, round_index=1, seed=1)
+    # a side with no seeds gives its requests to the other; nothing at all without seeds
+    assert Counter(d for _, d in expansion_seeds([], easy, 5, 0.75, 0, 0)) == {"easy": 5}
+    assert Counter(d for _, d in expansion_seeds(hard, [], 5, 0.25, 0, 0)) == {"hard": 5}
+    assert expansion_seeds([], [], 5, 0.5, 0, 0) == []

@@ -168,7 +168,7 @@ def test_the_summary_counts_failures_tokens_and_cost_and_flags_duplicates():
 
 def test_a_budget_or_key_error_inside_a_stage_reaches_the_user_unwrapped():
     from pipeline.llm.limits import BudgetExceeded
-    from pipeline.scoring import _stopping_cause
+    from pipeline.jobs import stopping_cause
 
     budget = BudgetExceeded("the next request could take the run past max_cost_usd=$1.00")
     try:
@@ -177,5 +177,5 @@ def test_a_budget_or_key_error_inside_a_stage_reaches_the_user_unwrapped():
         except BudgetExceeded as err:
             raise RuntimeError("UDF failed to process a data block") from err    # as Ray Data wraps it
     except RuntimeError as wrapped:
-        assert _stopping_cause(wrapped) is budget
-    assert _stopping_cause(RuntimeError("a bug")) is None
+        assert stopping_cause(wrapped) is budget
+    assert stopping_cause(RuntimeError("a bug")) is None

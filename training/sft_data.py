@@ -46,7 +46,7 @@ def import_training_set(config: RunConfig, round_index: int, source: str, progre
     Run again with the same source it is a no-op, so a killed command can be repeated as it was."""
     target = training_set_location(config, round_index)
     imported = store.read_json(target, store.MANIFEST)
-    if imported and imported["sources"] == [str(path) for path, _ in source_files(source, config.pool.format)]:
+    if imported and imported.get("sources") == [str(path) for path, _ in source_files(source, config.pool.format)]:
         return
     if not target.is_empty_dir():
         raise TrainingDataError(f"{target.uri}: round {round_index} already has a training set; remove it to "

@@ -1,6 +1,7 @@
 """Opening the configured teacher or judge endpoint: a remote API, or a local `vllm serve` started here."""
 from __future__ import annotations
 
+import contextlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,3 +38,30 @@ def open_endpoint(endpoint: EndpointConfig, cache_dir: str, log_path: Optional[P
     with LocalTeacherServer(endpoint.local, model_dir, endpoint.served_model,
                             api_key=Secret(given) if given else None, log_path=log_path) as server:
         yield OpenEndpoint(server.base_url, endpoint.served_model, server.api_key, server)
+
+
+class RunEndpoints:
+    """The run's teacher and judge, each opened on first use and kept open until the stack closes, so a local
+    teacher starts once per command however many stages call it. The key goes into the environment before
+    any Ray worker starts: workers read it from there, it never travels as a task argument."""
+
+    def __init__(self, teacher: EndpointConfig, judge: Optional[EndpointConfig], cache_dir: str,
+                 stack: contextlib.ExitStack, log_dir: Optional[Path] = None):
+        self._configs = {"teacher": teacher, "judge": judge}
+        self._cache_dir, self._stack, self._log_dir = cache_dir, stack, log_dir
+        self._open: dict[str, OpenEndpoint] = {}
+
+    def teacher(self) -> OpenEndpoint:
+        return self._opened("teacher")
+
+    def judge(self) -> OpenEndpoint:
+        return self._opened("judge") if self._configs["judge"] is not None else self.teacher()
+
+    def _opened(self, role: str) -> OpenEndpoint:
+        if role not in self._open:
+            config = self._configs[role]
+            log_path = self._log_dir / f"{role}.log" if self._log_dir else None
+            endpoint = self._stack.enter_context(open_endpoint(config, self._cache_dir, log_path, role=role))
+            os.environ[config.api_key_env] = endpoint.api_key.reveal()
+            self._open[role] = endpoint
+        return self._open[role]

@@ -9,15 +9,13 @@ the list is never guessed.
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from string import Template
 from typing import Optional, Union
 
 from pipeline.llm.client import ChatClient, ChatRequest, RequestFailed
+from pipeline.llm.prompts import prompt_template
 
 SCORE_SCHEMA = {
     "type": "object",
@@ -29,11 +27,6 @@ SCORE_SCHEMA = {
 _JUDGE_MAX_TOKENS = 64
 _LABEL_MAX_TOKENS = 32
 _UNPARSEABLE_CHARS = 300
-
-
-@lru_cache(maxsize=None)
-def prompt_template(name: str) -> Template:
-    return Template((importlib.resources.files("pipeline") / "prompts" / f"{name}.txt").read_text(encoding="utf-8"))
 
 
 def request_text(instruction: str, input_text: str) -> str:

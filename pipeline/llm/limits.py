@@ -150,6 +150,7 @@ class RunLimits:
     max_cost_usd: Optional[float] = None
     endpoints: dict[str, EndpointLimits] = field(default_factory=dict)
     _in_flight_cost: float = 0.0
+    refusal: Optional[str] = None       # why the budget refused a request, once it has
 
     def add_endpoint(self, name: str, requests_per_minute: int, tokens_per_minute: int, price: PriceConfig) -> None:
         if name not in self.endpoints:
@@ -160,9 +161,9 @@ class RunLimits:
         limits = self.endpoints[endpoint]
         worst = cost_usd(limits.price, tokens - max_completion_tokens, max_completion_tokens)
         if self.max_cost_usd is not None and self.spent_usd + self._in_flight_cost + worst > self.max_cost_usd:
-            raise BudgetExceeded(
-                f"the next request could cost up to ${worst:.4f}; with ${self.spent_usd:.4f} spent and "
-                f"${self._in_flight_cost:.4f} in flight it would pass max_cost_usd=${self.max_cost_usd:.2f}")
+            self.refusal = (f"the next request could cost up to ${worst:.4f}; with ${self.spent_usd:.4f} spent and "
+                            f"${self._in_flight_cost:.4f} in flight it would pass max_cost_usd=${self.max_cost_usd:.2f}")
+            raise BudgetExceeded(self.refusal)
         reservation = limits.reserve(now, tokens, max_completion_tokens)
         self._in_flight_cost += reservation.worst_cost_usd
         return reservation

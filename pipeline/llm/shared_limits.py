@@ -85,6 +85,9 @@ class LimitsActor:
     def usage_by_stage(self) -> dict[str, dict]:
         return self.limits.usage_by_stage()
 
+    def refusal(self) -> Optional[str]:
+        return self.limits.refusal
+
 
 class RayLimits:
     """A worker's handle on the run's LimitsActor. Picklable: Ray Data ships it to every actor."""
@@ -105,6 +108,13 @@ class RayLimits:
 
     async def usage_by_stage(self) -> dict[str, dict]:
         return await self.actor.usage_by_stage.remote()
+
+    def budget_refusal(self) -> Optional[str]:
+        """Why the budget refused a request, if it has: a stage's failure is then the budget's doing (Ray Data
+        does not carry the stage's own exception back to the driver, only its text)."""
+        import ray
+
+        return ray.get(self.actor.refusal.remote())
 
 
 def shared_limits(run_name: str, endpoints: list[EndpointConfig], max_cost_usd: Optional[float],

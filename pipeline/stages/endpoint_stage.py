@@ -1,10 +1,13 @@
 """The base of the async Ray Data stages that call the teacher or judge endpoint."""
 from __future__ import annotations
 
-from typing import Optional
+import asyncio
+from typing import Optional, Union
+
+import pyarrow as pa
 
 from pipeline.config import EndpointConfig, ScoringConfig
-from pipeline.llm.client import ChatClient
+from pipeline.llm.client import ChatClient, ChatReply, ChatRequest, RequestFailed
 from pipeline.llm.secret import secret_from_env
 
 
@@ -25,6 +28,38 @@ class EndpointStage:
                                             secret_from_env(self.endpoint.api_key_env, self.role), self.limits,
                                             self.model).__aenter__()
         return self._client
+
+    async def ask(self, requests: dict[int, ChatRequest]) -> dict[int, Union[ChatReply, RequestFailed]]:
+        """Every request at once (the client paces them); a request that fails for good is returned, not raised."""
+        client = await self.client()
+
+        async def one(request: ChatRequest) -> Union[ChatReply, RequestFailed]:
+            try:
+                return await client.complete(request)
+            except RequestFailed as failed:
+                return failed
+
+        return dict(zip(requests, await asyncio.gather(*(one(r) for r in requests.values()))))
+
+
+def reply_columns(prefix: str, rows: int, replies: dict[int, Union[ChatReply, RequestFailed]],
+                  unasked_status: str = "not_asked") -> dict[str, pa.Array]:
+    """`{prefix}_response`, `_finish_reason`, `_prompt_tokens`, `_completion_tokens`, `_status`, `_error` for
+    `rows` rows, from the replies by row index; a row with no request gets `unasked_status`."""
+    columns = {name: [] for name in ("response", "finish_reason", "prompt_tokens", "completion_tokens", "status",
+                                     "error")}
+    for i in range(rows):
+        reply = replies.get(i)
+        if isinstance(reply, ChatReply):
+            values = (reply.content, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens, "ok", None)
+        elif isinstance(reply, RequestFailed):
+            values = (None, None, 0, 0, reply.reason, str(reply))
+        else:
+            values = (None, None, 0, 0, unasked_status, None)
+        for values_of, value in zip(columns.values(), values):
+            values_of.append(value)
+    types = {"prompt_tokens": pa.int32(), "completion_tokens": pa.int32()}
+    return {f"{prefix}_{name}": pa.array(values, types.get(name, pa.string())) for name, values in columns.items()}
 
 
 # An endpoint actor waits on the network; a small CPU share keeps it from taking a core that the

@@ -1,18 +1,16 @@
 """The teacher stage: the teacher's response to every row, the pool's reference output where it may be kept.
 
-A row with a non-empty reference output and `keep_reference_outputs` costs no call. Every other row is
+A row with a non-empty reference output and `keep_reference_outputs` costs no call, nor does a row the
+teacher answered in an earlier round (its source is then `earlier_round` and its usage 0 in this round). Every other row is
 answered through the client; a row the endpoint cannot answer keeps `teacher_status`/`teacher_error`,
 and the judge stage leaves it unscored.
 """
 from __future__ import annotations
 
-import asyncio
-from typing import Union
-
 import pyarrow as pa
 
 from pipeline.config import EndpointConfig, ScoringConfig
-from pipeline.llm.client import ChatReply, ChatRequest, RequestFailed
+from pipeline.llm.client import ChatRequest, RequestFailed
 from pipeline.llm.judge import request_text
 from pipeline.stages.columns import check_columns, with_columns
 from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options
@@ -29,25 +27,25 @@ class TeacherAnswer(EndpointStage):
         self.max_tokens, self.temperature = scoring.teacher_max_tokens, scoring.teacher_temperature
         self.keep_reference_outputs = keep_reference_outputs
 
-    async def _answer(self, instruction: str, input_text: str) -> Union[ChatReply, RequestFailed]:
-        request = ChatRequest([{"role": "user", "content": request_text(instruction, input_text)}],
-                              max_tokens=self.max_tokens, temperature=self.temperature, stage="teacher")
-        try:
-            return await (await self.client()).complete(request)
-        except RequestFailed as failed:
-            return failed
+    def _request(self, row: dict) -> ChatRequest:
+        return ChatRequest([{"role": "user", "content": request_text(row["instruction"], row["input"] or "")}],
+                           max_tokens=self.max_tokens, temperature=self.temperature, stage="teacher")
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         check_columns(batch, REQUIRED_COLUMNS, "teacher")
-        rows = batch.select(["instruction", "input", "output"]).to_pylist()
-        asked = [i for i, row in enumerate(rows) if not (self.keep_reference_outputs and row["output"])]
-        replies = dict(zip(asked, await asyncio.gather(*(self._answer(rows[i]["instruction"], rows[i]["input"] or "")
-                                                         for i in asked))))
+        answered_before = "teacher_status" in batch.column_names
+        rows = batch.select(["instruction", "input", "output"] + (
+            ["teacher_response", "teacher_status"] if answered_before else [])).to_pylist()
+        replies = await self.ask({i: self._request(row) for i, row in enumerate(rows)
+                                  if not (self.keep_reference_outputs and row["output"])
+                                  and row.get("teacher_status") != "ok"})
         response, source, prompt_tokens, completion_tokens, status, error = ([] for _ in range(6))
         for i, row in enumerate(rows):
             reply = replies.get(i)
-            if reply is None:
+            if reply is None and self.keep_reference_outputs and row["output"]:
                 values = (row["output"], "reference", 0, 0, "ok", None)
+            elif reply is None:
+                values = (row["teacher_response"], "earlier_round", 0, 0, "ok", None)
             elif isinstance(reply, RequestFailed):
                 values = (None, "teacher", 0, 0, reply.reason, str(reply))
             else:

@@ -1,0 +1,128 @@
+"""The planner's two steps on the driver: which scored rows a round trains on (`plan/`), and, once the teacher
+has answered them, the round's training set (`train/`). Both touch only small tables: one row per planned
+instruction, never the pool's responses."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import store
+from pipeline.classification import round_location
+from pipeline.config import RunConfig
+from pipeline.curriculum import plan_round, total_variation
+from pipeline.scoring import score_location
+from training.sft_data import training_set_location
+
+PLAN = "plan"
+TRAIN = "train"
+_PLAN_FILE = "plan.parquet"
+_SCORED_COLUMNS = ["id", "instruction", "input", "task", "mfd", "status"]
+MFD_BINS = [-10.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 9.0]
+
+
+def plan_location(config: RunConfig, round_index: int) -> store.Location:
+    return round_location(config, round_index).child(PLAN)
+
+
+def mfd_distribution(mfd: list[float]) -> dict:
+    """Quantiles and a histogram of the round's MFD values (for the summary and the report)."""
+    if not mfd:
+        return {"rows": 0}
+    ordered = sorted(mfd)
+    quantile = {f"p{int(q * 100)}": round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+                for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    bins = [(low, high, f"({low:g}, {high:g}]") for low, high in zip(MFD_BINS, MFD_BINS[1:])]
+    histogram = {label: sum(low < value <= high for value in mfd) for low, high, label in bins}
+    return {"rows": len(mfd), "mean": round(sum(mfd) / len(mfd), 3), **quantile, "histogram": histogram}
+
+
+def plan(config: RunConfig, round_index: int) -> dict:
+    """Writes `plan/plan.parquet` (each planned row once, with its `copies` and `difficulty`) and the manifest."""
+    out = plan_location(config, round_index)
+    finished = store.read_json(out, store.MANIFEST)
+    if finished and finished.get("complete"):
+        return {**finished, "skipped": True}
+    curriculum = config.curriculum
+    scored = store.read_table(score_location(config, round_index), _SCORED_COLUMNS)
+    # planned by id order, so the plan does not depend on the order Ray Data wrote the files in
+    scored = scored.take(pc.sort_indices(scored, [("id", "ascending")]))
+    mfd = [None if status != "ok" else value for value, status in
+           zip(scored.column("mfd").to_pylist(), scored.column("status").to_pylist())]
+    tasks = scored.column("task").to_pylist()
+    chosen = plan_round(tasks, mfd, round_index, curriculum.rows_per_round, curriculum.mfd_threshold,
+                        curriculum.hard_share_start, curriculum.hard_share_step, curriculum.task_targets,
+                        curriculum.seed)
+    copies = Counter(chosen.indices)
+    unique = sorted(copies)
+    table = scored.select(["id", "instruction", "input", "task", "mfd"]).take(unique)
+    table = table.append_column("difficulty", pa.array(
+        ["hard" if mfd[i] > curriculum.mfd_threshold else "easy" for i in unique], pa.string()))
+    table = table.append_column("copies", pa.array([copies[i] for i in unique], pa.int32()))
+    store.write_parquet(out, _PLAN_FILE, table)
+    scored_mix = Counter(task for task, value in zip(tasks, mfd) if value is not None)
+    summary = {
+        "stage": PLAN, "round": round_index, "complete": True, "rows_scored": len(mfd),
+        "rows_unscored": chosen.unscored_rows, "rows_planned": len(chosen.indices), "distinct_rows": len(unique),
+        "hard_share_target": chosen.hard_share_target,
+        "hard_share_planned": round(chosen.hard_rows_planned / len(chosen.indices), 3) if chosen.indices else None,
+        "hard_rows_available": chosen.hard_rows_available, "easy_rows_available": chosen.easy_rows_available,
+        "hard_rows_planned": chosen.hard_rows_planned, "easy_rows_planned": chosen.easy_rows_planned,
+        "task_mix_scored": dict(scored_mix.most_common()), "task_mix_planned": dict(Counter(chosen.task_mix).most_common()),
+        "task_tv_scored": round(total_variation(scored_mix, curriculum.task_targets), 4),
+        "task_tv_planned": round(total_variation(chosen.task_mix, curriculum.task_targets), 4),
+        "mfd": mfd_distribution([value for value in mfd if value is not None]),
+    }
+    store.write_json(out, store.MANIFEST, summary)
+    return summary
+
+
+def read_plan(config: RunConfig, round_index: int) -> pa.Table:
+    return store.read_table(plan_location(config, round_index))
+
+
+def write_training_set(config: RunConfig, round_index: int, new_rows: Optional[pa.Table], answers: pa.Table) -> dict:
+    """`train/part-0.parquet`: every planned row as many times as it was planned, and every kept new row once,
+    each with the teacher's styled answer as `output`. A row the teacher could not answer is left out and
+    counted; an answer cut off at max_tokens is kept and counted."""
+    out = training_set_location(config, round_index)
+    finished = store.read_json(out, store.MANIFEST)
+    if finished and finished.get("complete"):
+        return {**finished, "skipped": True}
+    answer_of = {row["id"]: row for row in answers.select(
+        ["id", "respond_response", "respond_status", "respond_finish_reason", "style"]).to_pylist()}
+    planned = read_plan(config, round_index).to_pylist()
+    rows = [{**row, "origin": "pool", "seed_id": None} for row in planned for _ in range(row["copies"])]
+    if new_rows is not None:
+        rows += [{**row, "origin": "expansion", "copies": 1} for row in new_rows.select(
+            ["id", "instruction", "input", "task", "difficulty", "seed_id"]).to_pylist()]
+    kept, unanswered, cut_off = [], Counter(), 0
+    for row in rows:
+        answer = answer_of.get(row["id"])
+        if answer is None or answer["respond_status"] != "ok":
+            unanswered[answer["respond_status"] if answer else "not_answered"] += 1
+            continue
+        cut_off += answer["respond_finish_reason"] == "length"
+        kept.append({"id": row["id"], "instruction": row["instruction"], "input": row["input"] or "",
+                     "output": answer["respond_response"], "task": row["task"], "difficulty": row["difficulty"],
+                     "origin": row["origin"], "seed_id": row["seed_id"], "style": answer["style"]})
+    table = pa.Table.from_pylist(kept, schema=pa.schema([
+        ("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()), ("output", pa.string()),
+        ("task", pa.string()), ("difficulty", pa.string()), ("origin", pa.string()), ("seed_id", pa.string()),
+        ("style", pa.string())]))
+    store.write_parquet(out, "part-0.parquet", table)
+    mix = Counter(row["task"] for row in kept)
+    summary = {
+        "stage": TRAIN, "round": round_index, "complete": True, "rows": len(kept),
+        "rows_from_pool": sum(row["origin"] == "pool" for row in kept),
+        "rows_from_expansion": sum(row["origin"] == "expansion" for row in kept),
+        "hard_share": round(sum(row["difficulty"] == "hard" for row in kept) / len(kept), 3) if kept else None,
+        "left_out_unanswered": dict(unanswered), "answers_cut_off": cut_off,
+        "task_mix": dict(mix.most_common()),
+        "task_tv": round(total_variation(mix, config.curriculum.task_targets), 4),
+        "styles": dict(Counter(row["style"] for row in kept).most_common()),
+    }
+    store.write_json(out, store.MANIFEST, summary)
+    return summary

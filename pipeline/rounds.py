@@ -1,0 +1,151 @@
+"""`tapir run CONFIG`: all of TAPIR, round after round, resumable from any point.
+
+One round: score the pool with the round's student → plan (difficulty and task resampling) → expand (the
+teacher writes new instructions from the seeds) → respond (the teacher answers in the task's style) →
+write the training set → train the next student. Every stage writes its output and a manifest under
+`run/round_R/`; a finished stage is skipped when the command runs again and an interrupted one continues
+from what it wrote. `run/state.json` says where the run is, what it has spent and how it ended.
+
+A run ends cleanly, with everything written so far kept, when the budget would be passed, on SIGTERM or
+Ctrl-C, or when `tapir stop` leaves a STOP file in the run directory (checked before each stage, and
+removed when it has stopped a run).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from pipeline import expansion, planning, responding, scoring, store
+from pipeline.classification import round_location, run_dir
+from pipeline.config import RunConfig
+from pipeline.llm.endpoint import RunEndpoints
+from pipeline.llm.limits import BudgetExceeded
+from pipeline.round_summary import format_round_summary, round_summary
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+STOP_FILE = "STOP"
+STAGES = ("score", "plan", "expand", "respond", "train_set", "train")
+
+
+class StopRequested(Exception):
+    """`tapir stop` asked the run to stop between stages."""
+
+
+class StageIncomplete(RuntimeError):
+    """A stage ended without all of its rows (it says which); the same command continues it."""
+
+
+def run(config: RunConfig, progress: bool = True) -> dict:
+    """Runs every round not yet finished and returns the run's state (also in `run/state.json`)."""
+    from pipeline.ray_runtime import init_ray, run_limits
+
+    location = run_dir(config)
+    location.makedirs()
+    state = store.read_json(location, STATE_FILE) or {"rounds": {}}
+    state.update(status="running", rounds_planned=config.curriculum.rounds, config_hash=scoring.config_hash(config),
+                 last_started=_now(), stopped_because=None)
+    spent_before = state.get("spent_usd", 0.0)
+    init_ray(config.ray, min_cpus=max(scoring.job_cpus(config), config.training.num_workers + 3))
+    limits = run_limits(config, spent_before)
+
+    def save() -> None:
+        spent_now = sum(u["cost_usd"] for u in asyncio.run(limits.usage_by_stage()).values())
+        state["spent_usd"] = round(spent_before + spent_now, 6)
+        state["updated"] = _now()
+        store.write_json(location, STATE_FILE, state)
+
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with contextlib.ExitStack() as stack:
+            log_dir = Path(location.path) / "logs" if location.is_local else None
+            endpoints = RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack, log_dir)
+            for round_index in range(config.curriculum.rounds):
+                _round(config, round_index, endpoints, state, save, progress)
+        state["status"] = "finished"
+    except StopRequested:
+        location.fs.delete_file(location.child(STOP_FILE).path)      # done with: the next run goes on
+        state.update(status="stopped", stopped_because="stop requested (tapir stop)")
+    except KeyboardInterrupt:
+        state.update(status="stopped", stopped_because="interrupted (SIGTERM or Ctrl-C)")
+    except BudgetExceeded as err:
+        state.update(status="stopped", stopped_because=f"budget: {err}")
+    except StageIncomplete as err:
+        state.update(status="incomplete", stopped_because=str(err))
+    except BaseException as err:
+        state.update(status="failed", stopped_because=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        save()
+    return state
+
+
+def _round(config: RunConfig, r: int, endpoints: RunEndpoints, state: dict, save: Callable[[], None],
+           progress: bool) -> None:
+    """One round from top to bottom; each step is skipped when it finished in an earlier invocation."""
+    from training import sft
+
+    done = state["rounds"].setdefault(str(r), {"finished": [], "summaries": {}})
+
+    def step(name: str, work: Callable[[], dict]) -> dict:
+        if name in done["finished"]:
+            return done["summaries"][name]
+        if run_dir(config).child(STOP_FILE).exists():
+            raise StopRequested()
+        state.update(round=r, stage=name)
+        save()
+        log.info("round %d: %s", r, name)
+        started = time.perf_counter()
+        summary = work()
+        if not summary.get("complete"):
+            raise StageIncomplete(f"round {r} {name}: the stage did not finish all of its rows; run the same "
+                                  f"command again to continue it")
+        done["finished"].append(name)
+        done["summaries"][name] = _brief(summary)
+        print(f"round {r}: {name} done in {time.perf_counter() - started:.1f} s", flush=True)
+        save()
+        return done["summaries"][name]
+
+    step("score", lambda: scoring.score(config, r, progress, endpoints))
+    step("plan", lambda: planning.plan(config, r))
+    step("expand", lambda: expansion.expand(config, r, endpoints))
+    new_rows = expansion.read_new_rows(config, r)
+    step("respond", lambda: responding.respond(config, r, new_rows, endpoints))
+    step("train_set", lambda: planning.write_training_set(config, r, new_rows, responding.read_answers(config, r)))
+    step("train", lambda: sft.train(config, r))
+    if "summary" not in done:
+        summary = round_summary(config, r, done["summaries"])
+        store.write_json(round_location(config, r), "summary.json", summary)
+        text = format_round_summary(summary)
+        store.write_text(round_location(config, r), "summary.txt", text)
+        print(text, flush=True)
+        done["summary"] = True
+        save()
+
+
+def _brief(summary: dict) -> dict:
+    """A stage summary as kept in state.json: without the bulky per-row lists."""
+    return {k: v for k, v in summary.items() if k not in ("smoke", "stages", "eval")}
+
+
+def request_stop(config: RunConfig) -> str:
+    """`tapir stop`: the running command stops before its next stage; returns the STOP file's URI."""
+    location = run_dir(config)
+    store.write_text(location, STOP_FILE, f"stop requested at {_now()}\n")
+    return location.child(STOP_FILE).uri
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,147 @@
+"""The expand and respond stages over real HTTP (the loopback API), and the planner's two driver steps on a
+run directory, without Ray."""
+import asyncio
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import planning, store
+from pipeline.config import EndpointConfig, ExpansionConfig, RespondConfig, RunConfig
+from pipeline.llm.emulated_api import EmulatedAPI, Faults
+from pipeline.llm.prompts import prompt_template
+from pipeline.llm.shared_limits import local_limits
+from pipeline.stages.expand import SeedExpander, cleaned, expansion_prompts
+from pipeline.stages.respond import StyledAnswer, style_for
+
+KEY_ENV = "TAPIR_TEST_EXPAND_KEY"
+
+
+def run_stage(monkeypatch, make_stage, batch: pa.Table, **api_options) -> tuple[pa.Table, list]:
+    """One batch through a stage against a fresh loopback API; the batch out and the messages it was sent."""
+    async def scenario():
+        async with EmulatedAPI(**api_options) as api:
+            monkeypatch.setenv(KEY_ENV, api.api_key)
+            config = EndpointConfig(kind="remote", base_url=api.base_url, model="teacher", api_key_env=KEY_ENV,
+                                    max_attempts=2, timeout_s=5)
+            stage = make_stage(config, api.base_url, local_limits([config], None))
+            out = await stage(batch)
+            await (await stage.client()).__aexit__(None, None, None)
+            return out, [json.loads(p) for p in api.stats.answered_prompts]
+
+    return asyncio.run(scenario())
+
+
+def test_the_new_instruction_is_kept_without_the_labels_and_quotes_small_models_add():
+    assert cleaned('New task: "Name three rivers in Africa."') == "Name three rivers in Africa."
+    assert cleaned("#Created Prompt#: Sort the list.") == "Sort the list."
+    assert cleaned("  Task: Explain tides.  ") == "Explain tides."
+    assert cleaned("Tasks for a weekend: list five.") == "Tasks for a weekend: list five."
+
+
+def test_hard_and_easy_seeds_get_their_own_prompt_with_the_seed_in_it(monkeypatch):
+    seeds = pa.Table.from_pylist([
+        {"id": "q1", "seed_id": "s1", "seed_instruction": "Solve 2x + 3 = 9.", "seed_input": "", "difficulty": "hard"},
+        {"id": "q2", "seed_id": "s2", "seed_instruction": "Translate this.", "seed_input": "Bonjour", "difficulty": "easy"}])
+    out, sent = run_stage(monkeypatch, lambda c, url, limits: SeedExpander(c, url, "teacher", limits, ExpansionConfig()),
+                          seeds, reply=lambda body: "New task: Write a haiku about the sea.")
+    rows = out.to_pylist()
+    assert [r["instruction"] for r in rows] == ["Write a haiku about the sea."] * 2
+    assert all(r["expand_status"] == "ok" and r["expand_finish_reason"] == "stop" and r["input"] == "" for r in rows)
+    assert [r["seed_id"] for r in rows] == ["s1", "s2"]                    # the request's columns are kept
+    prompts = sorted(m[0]["content"] for m in sent)
+    easy, hard = prompts if "rarer" in prompts[0] else prompts[::-1]
+    assert "Solve 2x + 3 = 9." in hard and "same task type" in hard
+    assert "Translate this.\n\nBonjour" in easy and "rarer" in easy
+
+
+def test_an_expansion_request_that_fails_keeps_its_row_with_the_reason(monkeypatch):
+    seeds = pa.Table.from_pylist([{"id": "q1", "seed_id": "s1", "seed_instruction": "Name a color.", "seed_input": "",
+                                   "difficulty": "hard"}])
+    out, _ = run_stage(monkeypatch, lambda c, url, limits: SeedExpander(c, url, "teacher", limits, ExpansionConfig()),
+                       seeds, faults=Faults(server_error=1.0))
+    row = out.to_pylist()[0]
+    assert row["expand_status"] != "ok" and "500" in row["expand_error"] and row["instruction"] == ""
+
+
+def test_a_prompt_file_without_the_seed_placeholder_is_refused_at_once(tmp_path):
+    prompt = tmp_path / "mine.txt"
+    prompt.write_text("Write a new task.")
+    with pytest.raises(ValueError, match=r"mine.txt.*\$seed"):
+        expansion_prompts(ExpansionConfig(hard_prompt=str(prompt)))
+    with pytest.raises(FileNotFoundError, match="no bundled prompt 'nope'.*style_code"):
+        prompt_template("nope")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        prompt_template(str(tmp_path / "missing.txt"))
+
+
+def test_each_task_is_answered_in_its_style_as_a_system_prompt(monkeypatch, tmp_path):
+    mine = tmp_path / "law.txt"
+    mine.write_text("Answer as a careful lawyer.")
+    respond = RespondConfig(styles={**RespondConfig().styles, "Law": str(mine)})
+    rows = pa.Table.from_pylist([
+        {"id": "a", "instruction": "What is 17 * 3?", "input": "", "task": "Math"},
+        {"id": "b", "instruction": "Fix this loop.", "input": "for i in range(3) print(i)", "task": "Code Debug"},
+        {"id": "c", "instruction": "Describe a sunset.", "input": "", "task": "Writing"},
+        {"id": "d", "instruction": "Is a verbal contract binding?", "input": "", "task": "Law"}])
+    out, sent = run_stage(monkeypatch, lambda c, url, limits: StyledAnswer(c, url, "teacher", limits, respond), rows)
+    assert out.column("style").to_pylist() == ["style_step_by_step", "style_code", "style_detailed", str(mine)]
+    assert out.column("respond_status").to_pylist() == ["ok"] * 4
+    system = {m[1]["content"]: m[0]["content"] for m in sent}
+    assert "step by step" in system["What is 17 * 3?"]
+    assert "code" in system["Fix this loop.\n\nfor i in range(3) print(i)"]
+    assert "well-structured" in system["Describe a sunset."]
+    assert system["Is a verbal contract binding?"] == "Answer as a careful lawyer."
+    assert style_for("Unknown task", respond) == "style_detailed"
+
+
+def scored_round(tmp_path) -> RunConfig:
+    config = RunConfig.model_validate({
+        "storage": {"run_dir": str(tmp_path / "run")},
+        "curriculum": {"rows_per_round": 12, "mfd_threshold": 1.0, "hard_share_start": 0.5,
+                       "task_targets": {"Math": 0.5, "Writing": 0.5}}})
+    rows = [{"id": f"r{i:02d}", "instruction": f"Question {i}", "input": "", "task": "Math" if i % 3 else "Writing",
+             "mfd": [3.0, 0.0, -1.0][i % 3] if i != 7 else None, "status": "ok" if i != 7 else "judge_unparseable"}
+            for i in range(12)]
+    store.write_parquet(store.locate(str(tmp_path / "run" / "round_0" / "score")), "part-0.parquet",
+                        pa.Table.from_pylist(rows))
+    return config
+
+
+def test_the_plan_keeps_each_row_once_with_its_copies_and_says_why(tmp_path):
+    config = scored_round(tmp_path)
+    summary = planning.plan(config, 0)
+    planned = planning.read_plan(config, 0).to_pylist()
+    assert sum(r["copies"] for r in planned) == summary["rows_planned"] == 12
+    assert len({r["id"] for r in planned}) == len(planned) == summary["distinct_rows"]
+    assert "r07" not in {r["id"] for r in planned} and summary["rows_unscored"] == 1
+    assert summary["hard_rows_planned"] == 6 and summary["hard_share_planned"] == 0.5
+    assert all((r["difficulty"] == "hard") == (r["mfd"] > 1.0) for r in planned)
+    assert summary["mfd"]["rows"] == 11 and sum(summary["mfd"]["histogram"].values()) == 11
+    assert planning.plan(config, 0)["skipped"]
+
+
+def test_the_training_set_repeats_planned_rows_adds_new_ones_and_counts_what_it_leaves_out(tmp_path):
+    config = scored_round(tmp_path)
+    planning.plan(config, 0)
+    planned = planning.read_plan(config, 0).to_pylist()
+    new_rows = pa.Table.from_pylist([{"id": "n1", "instruction": "A new one", "input": "", "task": "Writing",
+                                      "difficulty": "easy", "seed_id": planned[0]["id"]}])
+    unanswered = planned[1]["id"]
+    answers = pa.Table.from_pylist(
+        [{"id": r["id"], "respond_response": f"answer {r['id']}", "respond_status": "ok" if r["id"] != unanswered
+          else "server_error", "respond_finish_reason": "length" if r["id"] == planned[2]["id"] else "stop",
+          "style": "style_detailed"} for r in planned] +
+        [{"id": "n1", "respond_response": "new answer", "respond_status": "ok", "respond_finish_reason": "stop",
+          "style": "style_detailed"}])
+    summary = planning.write_training_set(config, 0, new_rows, answers)
+    train = pq.read_table(tmp_path / "run" / "round_0" / "train" / "part-0.parquet").to_pylist()
+    expected = sum(r["copies"] for r in planned if r["id"] != unanswered) + 1
+    assert len(train) == summary["rows"] == expected
+    assert summary["left_out_unanswered"] == {"server_error": planned[1]["copies"]}
+    assert summary["answers_cut_off"] == planned[2]["copies"]
+    new = [r for r in train if r["origin"] == "expansion"]
+    assert new == [{"id": "n1", "instruction": "A new one", "input": "", "output": "new answer", "task": "Writing",
+                    "difficulty": "easy", "origin": "expansion", "seed_id": planned[0]["id"], "style": "style_detailed"}]
+    assert all(r["output"] == f"answer {r['id']}" for r in train if r["origin"] == "pool")

@@ -1,0 +1,171 @@
+"""`tapir run` end to end: two rounds of score → plan → expand → respond → train, with the real vLLM student,
+classifier, Ray Train and DeepSpeed, and the paid API played by a loopback server.
+
+The run is killed with SIGKILL in round 1 and the same command run again: it must finish, every stage once,
+with no answered paid call sent again beyond the batches in flight at the kill.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import kill_when
+from pipeline.config import RespondConfig
+from pipeline.llm.emulated_api import EmulatedAPI, default_reply
+from pipeline.llm.prompts import prompt_template
+from pipeline.stages.respond import style_for
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TAPIR = str(Path(sys.executable).with_name("tapir"))
+KEY_ENV = "TAPIR_TEST_RUN_KEY"
+ROWS = 32
+BATCH = 8
+
+
+def teacher_reply(body: dict) -> str:
+    """Like a teacher: new tasks for expansion prompts (some of them bad in each of the ways the stage drops),
+    JSON for judge and label requests, prose for answers."""
+    prompt = body["messages"][-1]["content"]
+    if body.get("response_format") or "[Given task]" not in prompt:
+        return default_reply(body)
+    seed = prompt.split("[Given task]")[1].split("[End of given task]")[0].strip()
+    digest = int(hashlib.blake2b(prompt.encode(), digest_size=8).hexdigest(), 16)
+    kind = digest % 5
+    if kind == 0:
+        return f"New task: {seed}"                                # a near-duplicate of its seed, a pool row
+    if kind == 1:
+        return "Rewrite the instruction above."                   # mentions "instruction"
+    if kind == 2:
+        return "Explain it."                                      # three words or fewer
+    words = " ".join(f"w{(digest >> (5 * i)) % 499}" for i in range(10))
+    return f"Task: Explain {words} with one example."
+
+
+def write_config(tmp_path: Path, pool: Path, api: EmulatedAPI, cache_dir: Path, **overrides) -> Path:
+    endpoint = {"kind": "remote", "base_url": api.base_url, "model": "paid-teacher", "api_key_env": KEY_ENV,
+                "price": {"input_per_million_usd": 1.0, "output_per_million_usd": 4.0}}
+    config = {
+        "pool": {"source": str(pool), "rows_per_shard": 16},
+        "storage": {"run_dir": str(tmp_path / "run"), "cache_dir": str(cache_dir)},
+        "ray": {"num_cpus": 2},
+        "student": {"batch_size": BATCH, "sampling": {"max_tokens": 16}},
+        "teacher": endpoint,
+        "classifier": {"label_sample_size": ROWS, "train": {"epochs": 1}},
+        "curriculum": {"rounds": 2, "rows_per_round": 24, "expansion_per_round": 12, "mfd_threshold": 0.0,
+                       "keep_reference_outputs": False},
+        "scoring": {"batch_size": BATCH, "batches_in_flight_per_actor": 1},
+        "respond": {"max_tokens": 48},
+        "training": {"epochs": 1, "effective_batch_size": 4, "micro_batch_size": 2, "max_len": 256,
+                     "eval_fraction": 0.0},
+        **overrides,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def pool(tmp_path, shared_data) -> Path:
+    path = tmp_path / "pool.jsonl"
+    path.write_text("\n".join((shared_data / "alpaca_dev_4000.jsonl").read_text().splitlines()[:ROWS]) + "\n")
+    return path
+
+
+def tapir(*args, env, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([TAPIR, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(tmp_path, pool, prepared_student):
+    api = EmulatedAPI(latency_s=0.05, reply=teacher_reply)
+    with api.serving_in_thread():
+        config = write_config(tmp_path, pool, api, prepared_student.parent.parent)
+        env = {**os.environ, KEY_ENV: api.api_key}
+        run = tmp_path / "run"
+        killed = subprocess.Popen([TAPIR, "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, cwd=REPO, env=env)
+        # in round 1's respond stage, once some answers are written
+        kill_when(killed, lambda: any((run / "round_1" / "respond" / "answers").glob("*.parquet")), 1500,
+                  killed.stderr)
+        state_at_kill = json.loads((run / "state.json").read_text())
+        calls_at_kill = Counter(api.stats.answered_prompts)
+
+        resumed = tapir("run", str(config), env=env)
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+        calls = Counter(api.stats.answered_prompts)
+        again = tapir("run", str(config), env=env, timeout=300)
+        assert again.returncode == 0 and Counter(api.stats.answered_prompts) == calls   # nothing left to do
+
+    assert state_at_kill["round"] == 1 and state_at_kill["stage"] == "respond"
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "finished" and state["spent_usd"] > 0
+    assert all(state["rounds"][r]["finished"] == ["score", "plan", "expand", "respond", "train_set", "train"]
+               for r in ("0", "1"))
+
+    # no paid call answered twice, except the respond batches in flight at the kill
+    repeated = {prompt: n for prompt, n in calls.items() if n > 1}
+    assert sum(n - 1 for n in repeated.values()) <= 2 * BATCH, repeated
+    assert all(calls_at_kill[p] >= 1 for p in repeated)
+
+    # round 1 scored the new student against round 0's teacher answers: no teacher call in round 1's scoring
+    scored_1 = pads.dataset(run / "round_1" / "score", format="parquet").to_table().to_pylist()
+    assert len(scored_1) == ROWS and {r["teacher_source"] for r in scored_1} == {"earlier_round"}
+    assert json.loads((run / "round_1" / "sft" / "_manifest.json").read_text())["steps"]["total_steps"] > 0
+
+    for r in (0, 1):
+        plan = json.loads((run / f"round_{r}" / "plan" / "_manifest.json").read_text())
+        assert plan["rows_planned"] == 24 and plan["hard_share_target"] == [0.5, 0.75][r]
+        new_rows = pq.read_table(run / f"round_{r}" / "expand" / "new_rows.parquet").to_pylist()
+        assert len(new_rows) == 12
+        reasons = Counter(row["status"] for row in new_rows)
+        assert set(reasons) <= {"ok", "near_duplicate", "mentions_instruction", "too_short"}
+        assert reasons["ok"] and reasons["near_duplicate"], reasons
+        for row in new_rows:
+            if row["status"] == "ok":
+                assert row["task"] and row["seed_id"] and not row["instruction"].startswith("Task:")
+            if row["status"] == "near_duplicate":
+                assert "rouge_l=" in row["duplicate_of"]
+        train = pq.read_table(run / f"round_{r}" / "train" / "part-0.parquet").to_pylist()
+        origins = Counter(row["origin"] for row in train)
+        assert origins == {"pool": 24, "expansion": reasons["ok"]}
+        assert all(row["style"] == style_for(row["task"], RespondConfig()) and row["output"] for row in train)
+        summary = json.loads((run / f"round_{r}" / "summary.json").read_text())
+        assert summary["rows"]["training_set"] == len(train) and summary["cost_usd"]["total"] > 0
+        assert (run / f"round_{r}" / "model" / "config.json").exists()
+    # the style prompts reached the teacher as system messages
+    styles = {prompt_template(name).template.strip() for name in ("style_step_by_step", "style_code", "style_detailed")}
+    sent = [json.loads(prompt)[0]["content"] for prompt in calls if json.loads(prompt)[0]["role"] == "system"]
+    assert sent and set(sent) <= styles
+    assert "== round 1 ==" in resumed.stdout
+    assert api.api_key not in (run / "state.json").read_text()
+
+
+def test_a_budget_cap_stops_the_run_cleanly_and_a_larger_one_lets_it_go_on(tmp_path, pool, prepared_student):
+    api = EmulatedAPI(reply=teacher_reply)
+    with api.serving_in_thread():
+        env = {**os.environ, KEY_ENV: api.api_key}
+        config = write_config(tmp_path, pool, api, prepared_student.parent.parent, max_cost_usd=0.03)
+        capped = tapir("run", str(config), env=env)
+        assert capped.returncode == 3, capped.stdout[-2000:] + capped.stderr[-3000:]
+        assert "budget" in capped.stdout and "run the same command to continue" in capped.stdout
+        state = json.loads((tmp_path / "run" / "state.json").read_text())
+        assert state["status"] == "stopped" and state["stopped_because"].startswith("budget")
+        assert 0 < state["spent_usd"] <= 0.03
+
+        # a stop asked for before the next stage: the run stops there, nothing more is spent
+        stop = tapir("stop", str(config), env=env, timeout=60)
+        assert stop.returncode == 0
+        answered = api.stats.answered
+        write_config(tmp_path, pool, api, prepared_student.parent.parent, max_cost_usd=1.0)
+        stopped = tapir("run", str(config), env=env)
+        assert stopped.returncode == 3 and "stop requested" in stopped.stdout
+        assert api.stats.answered == answered
