@@ -23,7 +23,7 @@ def hard_share(round_index: int, start: float, step: float) -> float:
 
 def is_hard(mfd: Optional[float], threshold: float) -> Optional[bool]:
     """None for a row without an MFD (its scoring failed): it is neither hard nor easy."""
-    return None if mfd is None or (isinstance(mfd, float) and math.isnan(mfd)) else mfd > threshold
+    return None if mfd is None or math.isnan(mfd) else mfd > threshold
 
 
 def quotas(targets: dict[str, float], available: dict[str, int], size: int) -> dict[str, int]:

@@ -3,6 +3,8 @@ import json
 import random
 from collections import Counter
 
+import numpy as np
+
 from pipeline.config import DEFAULT_TASK_TARGETS, CurriculumConfig
 from pipeline.curriculum import hard_share, is_hard, plan_round, quotas, resample, total_variation
 
@@ -11,6 +13,7 @@ def test_the_hard_share_rises_by_beta_each_round_up_to_one():
     assert [hard_share(r, 0.5, 0.25) for r in range(4)] == [0.5, 0.75, 1.0, 1.0]
     assert is_hard(1.5, 1.0) and is_hard(1.0, 1.0) is False and is_hard(None, 1.0) is None
     assert is_hard(float("nan"), 1.0) is None
+    assert is_hard(np.float32("nan"), 1.0) is None and is_hard(np.float32(2.0), 1.0)       # as numpy gives it
 
 
 def test_quotas_sum_exactly_and_give_an_empty_categorys_share_to_the_others():

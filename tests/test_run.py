@@ -85,17 +85,22 @@ def tapir(*args, env, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run([TAPIR, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
+@pytest.mark.timeout(2400)     # two rounds of training on 2 cores, a kill and two more invocations
 def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(tmp_path, pool, prepared_student):
     api = EmulatedAPI(latency_s=0.05, reply=teacher_reply)
     with api.serving_in_thread():
         config = write_config(tmp_path, pool, api, prepared_student.parent.parent)
         env = {**os.environ, KEY_ENV: api.api_key}
         run = tmp_path / "run"
-        killed = subprocess.Popen([TAPIR, "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, cwd=REPO, env=env)
+        # the output goes to a file: a pipe nobody reads fills up and blocks the run's progress bars
+        log = tmp_path / "killed.log"
+        with open(log, "w") as output:
+            killed = subprocess.Popen([TAPIR, "run", str(config)], stdout=output, stderr=subprocess.STDOUT,
+                                      cwd=REPO, env=env)
         # in round 1's respond stage, once some answers are written
-        kill_when(killed, lambda: any((run / "round_1" / "respond" / "answers").glob("*.parquet")), 1500,
-                  killed.stderr)
+        with open(log) as output:
+            kill_when(killed, lambda: any((run / "round_1" / "respond" / "answers").glob("*.parquet")), 1500,
+                      output)
         state_at_kill = json.loads((run / "state.json").read_text())
         calls_at_kill = Counter(api.stats.answered_prompts)
 
