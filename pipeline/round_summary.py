@@ -39,7 +39,8 @@ def round_summary(config: RunConfig, round_index: int, stages: dict[str, dict]) 
 
 
 def _top(mix: dict, total: int) -> str:
-    return ", ".join(f"{task} {count / total:.0%}" for task, count in list(mix.items())[:_TOP_TASKS]) if total else "-"
+    top = sorted(mix.items(), key=lambda item: -item[1])[:_TOP_TASKS]
+    return ", ".join(f"{task} {count / total:.0%}" for task, count in top) if total else "-"
 
 
 def format_round_summary(summary: dict) -> str:

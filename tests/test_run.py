@@ -110,7 +110,8 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(tmp_path, p
         again = tapir("run", str(config), env=env, timeout=300)
         assert again.returncode == 0 and Counter(api.stats.answered_prompts) == calls   # nothing left to do
 
-    assert state_at_kill["round"] == 1 and state_at_kill["stage"] == "respond"
+    # respond takes seconds here: on a loaded machine the kill can land in the steps right after it
+    assert state_at_kill["round"] == 1 and state_at_kill["stage"] in ("respond", "train_set", "train")
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "finished" and state["spent_usd"] > 0
     assert all(state["rounds"][r]["finished"] == ["score", "plan", "expand", "respond", "train_set", "train"]
