@@ -53,11 +53,11 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     state.update(status="running", rounds_planned=config.curriculum.rounds, config_hash=scoring.config_hash(config),
                  last_started=_now(), stopped_because=None)
     spent_before = state.get("spent_usd", 0.0)
-    init_ray(config.ray, min_cpus=max(scoring.job_cpus(config), config.training.num_workers + 3))
-    limits = run_limits(config, spent_before)
+    limits = None
 
     def save() -> None:
-        spent_now = sum(u["cost_usd"] for u in asyncio.run(limits.usage_by_stage()).values())
+        spent_now = 0.0 if limits is None else sum(
+            u["cost_usd"] for u in asyncio.run(limits.usage_by_stage()).values())
         state["spent_usd"] = round(spent_before + spent_now, 6)
         state["updated"] = _now()
         store.write_json(location, STATE_FILE, state)
@@ -67,6 +67,11 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         with contextlib.ExitStack() as stack:
             log_dir = Path(location.path) / "logs" if location.is_local else None
             endpoints = RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack, log_dir)
+            # opened before Ray starts: a local teacher's key reaches the workers only through the environment
+            # they inherit from this process
+            endpoints.teacher(), endpoints.judge()
+            init_ray(config.ray, min_cpus=max(scoring.job_cpus(config), config.training.num_workers + 3))
+            limits = run_limits(config, spent_before)
             for round_index in range(config.curriculum.rounds):
                 _round(config, round_index, endpoints, state, save, progress)
         state["status"] = "finished"
