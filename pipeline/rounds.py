@@ -62,7 +62,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         state["updated"] = _now()
         store.write_json(location, STATE_FILE, state)
 
-    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    previous_handler = None
     try:
         with contextlib.ExitStack() as stack:
             log_dir = Path(location.path) / "logs" if location.is_local else None
@@ -71,6 +71,8 @@ def run(config: RunConfig, progress: bool = True) -> dict:
             # they inherit from this process
             endpoints.teacher(), endpoints.judge()
             init_ray(config.ray, min_cpus=max(scoring.job_cpus(config), config.training.num_workers + 3))
+            # after ray.init, which installs a SIGTERM handler of its own that exits without a word
+            previous_handler = signal.signal(signal.SIGTERM, _interrupt)
             limits = run_limits(config, spent_before)
             for round_index in range(config.curriculum.rounds):
                 _round(config, round_index, endpoints, state, save, progress)
@@ -88,7 +90,8 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         state.update(status="failed", stopped_because=f"{type(err).__name__}: {err}")
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         save()
     return state
 

@@ -7,8 +7,10 @@ with no answered paid call sent again beyond the batches in flight at the kill.
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -175,3 +177,23 @@ def test_a_budget_cap_stops_the_run_cleanly_and_a_larger_one_lets_it_go_on(tmp_p
         stopped = tapir("run", str(config), env=env)
         assert stopped.returncode == 3 and "stop requested" in stopped.stdout
         assert api.stats.answered == answered
+
+
+def test_sigterm_stops_the_run_cleanly_with_its_state_saved(tmp_path, pool, prepared_student):
+    api = EmulatedAPI(reply=teacher_reply, latency_s=0.5)
+    with api.serving_in_thread():
+        config = write_config(tmp_path, pool, api, prepared_student.parent.parent)
+        run = tmp_path / "run"
+        with open(tmp_path / "run.log", "w") as output:
+            process = subprocess.Popen([TAPIR, "run", str(config)], stdout=output, stderr=subprocess.STDOUT,
+                                       cwd=REPO, env={**os.environ, KEY_ENV: api.api_key})
+        deadline = time.monotonic() + 600
+        while not list((run / "round_0" / "score").glob("*.parquet")) and process.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert process.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 3
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "stopped" and state["stage"] == "score"
+    assert state["stopped_because"].startswith("interrupted") and state["spent_usd"] > 0
