@@ -6,8 +6,8 @@ write the training set → train the next student. Every stage writes its output
 `run/round_R/`; a finished stage is skipped when the command runs again and an interrupted one continues
 from what it wrote. `run/state.json` says where the run is, what it has spent and how it ended.
 
-A run ends cleanly, with everything written so far kept, when the budget would be passed, on SIGTERM or
-Ctrl-C, or when `tapir stop` leaves a STOP file in the run directory (checked before each stage, and
+A run ends cleanly, with everything written so far kept, when the budget would be passed, on SIGTERM, or
+when `tapir stop` leaves a STOP file in the run directory (checked before each stage, and
 removed when it has stopped a run).
 """
 from __future__ import annotations
