@@ -17,7 +17,6 @@ from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from pipeline import store
 from pipeline.classification import (checkpoint_location, classified, ensure_classifier, model_location,
@@ -137,10 +136,8 @@ def job_cpus(config: RunConfig) -> int:
 
 def read_scored(location: store.Location) -> pa.Table:
     """The summary columns of every scored row written so far (empty when nothing was written)."""
-    files = [p for p in location.list_files(".parquet")]
-    if not files:
-        return pa.table({name: [] for name in _SUMMARY_COLUMNS})
-    return pads.dataset(files, filesystem=location.fs, format="parquet").to_table(columns=_SUMMARY_COLUMNS)
+    scored = store.read_table(location, _SUMMARY_COLUMNS)
+    return scored if scored is not None else pa.table({name: [] for name in _SUMMARY_COLUMNS})
 
 
 def _sum(table: pa.Table, column: str) -> int:

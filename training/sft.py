@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 from pipeline import store
 from pipeline.classification import checkpoint_location, model_location
 from pipeline.config import RunConfig, TrainingConfig
+from pipeline.jobs import read_parquet
 from pipeline.scoring import config_hash, student_model
 from training import CheckpointMismatch
 from training.sft_data import packed_location, prepare, sft_location, training_set_location
@@ -117,9 +118,9 @@ def _fit(config: RunConfig, round_index: int, plan: WorkerPlan, checkpoints: sto
     from ray.train.torch import TorchTrainer
 
     training = config.training
-    datasets = {"train": _read(packed_location(config, round_index, "train"))}
+    datasets = {"train": read_parquet(packed_location(config, round_index, "train"))}
     if plan.evaluate:
-        datasets["eval"] = _read(packed_location(config, round_index, "eval"))
+        datasets["eval"] = read_parquet(packed_location(config, round_index, "eval"))
     options = ray.data.ExecutionOptions(preserve_order=True)   # the same order again on resume
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"plan": plan}, datasets=datasets,
@@ -130,12 +131,6 @@ def _fit(config: RunConfig, round_index: int, plan: WorkerPlan, checkpoints: sto
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=training.max_failures)))
     trainer.fit()
-
-
-def _read(location: store.Location):
-    import ray.data
-
-    return ray.data.read_parquet(location.path, filesystem=location.fs, file_extensions=["parquet"])
 
 
 def smoke_generate(config: RunConfig, round_index: int) -> list[dict]:
