@@ -1,7 +1,11 @@
 """The respond stage of a round: the teacher answers each of the round's training instructions once (planned
 pool rows and kept new rows), in the style of its task. One checkpointed Ray Data job from
 `respond/requests/` to `respond/answers/`; a row the teacher cannot answer keeps `respond_status` and the
-reason, and is left out of the training set (counted there)."""
+reason, and is left out of the training set (counted there).
+
+A planned row is often planned again in a later round: a request identical to one an earlier round sent
+(same model, messages and sampling settings) is not sent again; its answer is copied to `respond/reused/`
+with usage 0."""
 from __future__ import annotations
 
 import time
@@ -15,12 +19,17 @@ from pipeline import store
 from pipeline.classification import checkpoint_location, round_location
 from pipeline.config import RunConfig
 from pipeline.jobs import finish, read_parquet, write_checkpointed
-from pipeline.llm.endpoint import RunEndpoints
+from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
 from pipeline.llm.limits import cost_usd
 from pipeline.planning import read_plan
 
 STAGE = "respond"
 _REQUEST_COLUMNS = ["id", "instruction", "input", "task"]
+_ANSWER_SCHEMA = pa.schema([
+    ("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()), ("task", pa.string()),
+    ("style", pa.string()), ("respond_response", pa.string()), ("respond_finish_reason", pa.string()),
+    ("respond_prompt_tokens", pa.int32()), ("respond_completion_tokens", pa.int32()),
+    ("respond_status", pa.string()), ("respond_error", pa.string()), ("respond_request_key", pa.string())])
 
 
 def respond_location(config: RunConfig, round_index: int) -> store.Location:
@@ -42,8 +51,11 @@ def respond(config: RunConfig, round_index: int, new_rows: Optional[pa.Table], e
         return {**finished, "skipped": True}
     started = time.perf_counter()
     requests = requests_table(config, round_index, new_rows)
-    store.write_parquet(out.child("requests"), "requests.parquet", requests)
-    stages = _answer(config, round_index, endpoints)
+    teacher = endpoints.teacher()
+    reused, to_ask = reused_answers(config, round_index, requests, teacher.model)
+    store.write_parquet(out.child("reused"), "reused.parquet", reused)
+    store.write_parquet(out.child("requests"), "requests.parquet", to_ask)
+    stages = _answer(config, round_index, teacher) if to_ask.num_rows else []
     answers = read_answers(config, round_index)
     written = 0 if answers is None else len(pc.unique(answers.column("id")))
     if written < requests.num_rows:
@@ -53,7 +65,7 @@ def respond(config: RunConfig, round_index: int, new_rows: Optional[pa.Table], e
     tokens = {"prompt": int(pc.sum(answers.column("respond_prompt_tokens")).as_py() or 0),
               "completion": int(pc.sum(answers.column("respond_completion_tokens")).as_py() or 0)}
     summary = {"stage": STAGE, "round": round_index, "complete": True, "rows_in": requests.num_rows,
-               "rows_out": answers.num_rows, "rows_ok": statuses.pop("ok", 0), "failed": dict(statuses.most_common()),
+               "rows_out": answers.num_rows, "reused_from_earlier_rounds": reused.num_rows, "rows_ok": statuses.pop("ok", 0), "failed": dict(statuses.most_common()),
                "cut_off": int(pc.sum(pc.equal(answers.column("respond_finish_reason"), "length")).as_py() or 0),
                "styles": dict(Counter(answers.column("style").to_pylist()).most_common()), "tokens": tokens,
                "cost_usd": round(cost_usd(config.teacher.price, tokens["prompt"], tokens["completion"]), 6),
@@ -63,11 +75,31 @@ def respond(config: RunConfig, round_index: int, new_rows: Optional[pa.Table], e
     return summary
 
 
-def _answer(config: RunConfig, round_index: int, endpoints: RunEndpoints) -> list[dict]:
+def reused_answers(config: RunConfig, round_index: int, requests: pa.Table, model: str) -> tuple[pa.Table, pa.Table]:
+    """(the earlier rounds' answers to this round's requests that were sent before, the requests to send)."""
+    from pipeline.stages.respond import request_key, style_prompts, styled_request
+
+    answered_before = {}
+    for earlier in range(round_index):
+        answers = read_answers(config, earlier)
+        if answers is not None:
+            ok = answers.filter(pc.equal(answers.column("respond_status"), "ok"))
+            answered_before.update({row["respond_request_key"]: row for row in ok.to_pylist()})
+    styles = style_prompts(config.respond)
+    reused, to_ask = [], []
+    for index, row in enumerate(requests.to_pylist()):
+        before = answered_before.get(request_key(styled_request(row, styles, config.respond), model))
+        if before is None:
+            to_ask.append(index)
+        else:
+            reused.append({**before, **row, "respond_prompt_tokens": 0, "respond_completion_tokens": 0})
+    return pa.Table.from_pylist(reused, schema=_ANSWER_SCHEMA), requests.take(to_ask)
+
+
+def _answer(config: RunConfig, round_index: int, teacher: OpenEndpoint) -> list[dict]:
     from pipeline.ray_runtime import run_limits
     from pipeline.stages.respond import responded
 
-    teacher = endpoints.teacher()
     limits = run_limits(config)
     out = respond_location(config, round_index)
     return write_checkpointed(
@@ -77,4 +109,9 @@ def _answer(config: RunConfig, round_index: int, endpoints: RunEndpoints) -> lis
 
 
 def read_answers(config: RunConfig, round_index: int) -> Optional[pa.Table]:
-    return store.read_table(respond_location(config, round_index).child("answers"))
+    """The round's answers: those its job wrote and those reused from earlier rounds."""
+    location = respond_location(config, round_index)
+    parts = [table.select(_ANSWER_SCHEMA.names).cast(_ANSWER_SCHEMA)
+             for table in (store.read_table(location.child("answers")), store.read_table(location.child("reused")))
+             if table is not None]
+    return pa.concat_tables(parts) if parts else None

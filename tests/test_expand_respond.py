@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import planning, store
+from pipeline import planning, responding, store
 from pipeline.config import EndpointConfig, ExpansionConfig, RespondConfig, RunConfig
 from pipeline.llm.emulated_api import EmulatedAPI, Faults
 from pipeline.llm.prompts import prompt_template
@@ -94,6 +94,30 @@ def test_each_task_is_answered_in_its_style_as_a_system_prompt(monkeypatch, tmp_
     assert "well-structured" in system["Describe a sunset."]
     assert system["Is a verbal contract binding?"] == "Answer as a careful lawyer."
     assert style_for("Unknown task", respond) == "style_detailed"
+
+
+def test_a_request_an_earlier_round_sent_is_answered_from_there_not_sent_again(monkeypatch, tmp_path):
+    config = RunConfig.model_validate({"storage": {"run_dir": str(tmp_path / "run")}})
+    rows = [{"id": i, "instruction": f"Question {i}", "input": "", "task": "Math"} for i in "abc"]
+    answered, _ = run_stage(monkeypatch, lambda c, url, limits: StyledAnswer(c, url, "teacher", limits, config.respond),
+                            pa.Table.from_pylist(rows))
+    failed = pa.array([s if i != "c" else "server_error" for i, s in zip("abc", answered["respond_status"].to_pylist())])
+    answered = answered.set_column(answered.schema.get_field_index("respond_status"), "respond_status", failed)
+    store.write_parquet(responding.respond_location(config, 0).child("answers"), "part-0.parquet", answered)
+
+    # round 1 plans a and c again (c failed in round 0), b with another input, and a new row d
+    again = pa.Table.from_pylist([rows[0], {**rows[1], "input": "more context"}, rows[2],
+                                  {"id": "d", "instruction": "Question d", "input": "", "task": "Math"}])
+    reused, to_ask = responding.reused_answers(config, 1, again, "teacher")
+    assert reused["id"].to_pylist() == ["a"] and to_ask["id"].to_pylist() == ["b", "c", "d"]
+    assert reused.to_pylist()[0] == {**answered.to_pylist()[0], "respond_prompt_tokens": 0,
+                                     "respond_completion_tokens": 0}
+    store.write_parquet(responding.respond_location(config, 1).child("reused"), "reused.parquet", reused)
+    assert responding.read_answers(config, 1)["id"].to_pylist() == ["a"]
+    # another model or other sampling settings make another call
+    assert responding.reused_answers(config, 1, again, "another-teacher")[0].num_rows == 0
+    longer = config.model_copy(update={"respond": RespondConfig(max_tokens=config.respond.max_tokens + 1)})
+    assert responding.reused_answers(longer, 1, again, "teacher")[0].num_rows == 0
 
 
 def scored_round(tmp_path) -> RunConfig:

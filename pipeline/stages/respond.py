@@ -6,6 +6,9 @@ request itself is the user turn, exactly as the student will see it in training.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pyarrow as pa
 
 from pipeline.config import EndpointConfig, RespondConfig, ScoringConfig
@@ -22,27 +25,41 @@ def style_for(task: str, respond: RespondConfig) -> str:
     return respond.styles.get(task, respond.default_style)
 
 
+def style_prompts(respond: RespondConfig) -> dict[str, str]:
+    """Every configured style's system prompt by name; a missing prompt file fails here, before any call."""
+    return {name: prompt_template(name).template.strip() for name in {*respond.styles.values(), respond.default_style}}
+
+
+def styled_request(row: dict, styles: dict[str, str], respond: RespondConfig) -> ChatRequest:
+    return ChatRequest([{"role": "system", "content": styles[style_for(row["task"], respond)]},
+                        {"role": "user", "content": request_text(row["instruction"], row["input"] or "")}],
+                       max_tokens=respond.max_tokens, temperature=respond.temperature, stage="respond")
+
+
+def request_key(request: ChatRequest, model: str) -> str:
+    """The same key means the same call: model, messages and sampling settings."""
+    text = json.dumps([model, request.messages, request.max_tokens, request.temperature], sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 class StyledAnswer(EndpointStage):
-    """Async Ray Data callable class: adds `style` and the `respond_*` reply columns to every row."""
+    """Async Ray Data callable class: adds `style`, the `respond_*` reply columns and `respond_request_key`
+    (which a later round matches to reuse the answer) to every row."""
 
     def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits, respond: RespondConfig):
         super().__init__(endpoint, base_url, model, limits, "teacher")
         self.respond = respond
-        # every configured style is read now, so a missing prompt file fails the stage before any call
-        self.styles = {name: prompt_template(name).template.strip()
-                       for name in {*respond.styles.values(), respond.default_style}}
-
-    def _request(self, row: dict) -> ChatRequest:
-        return ChatRequest([{"role": "system", "content": self.styles[style_for(row["task"], self.respond)]},
-                            {"role": "user", "content": request_text(row["instruction"], row["input"] or "")}],
-                           max_tokens=self.respond.max_tokens, temperature=self.respond.temperature, stage="respond")
+        self.styles = style_prompts(respond)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         check_columns(batch, REQUIRED_COLUMNS, "respond")
         rows = batch.select(list(REQUIRED_COLUMNS)).to_pylist()
-        replies = await self.ask({i: self._request(row) for i, row in enumerate(rows)})
+        requests = {i: styled_request(row, self.styles, self.respond) for i, row in enumerate(rows)}
+        replies = await self.ask(requests)
         return with_columns(batch, {"style": pa.array([style_for(r["task"], self.respond) for r in rows], pa.string()),
-                                    **reply_columns("respond", len(rows), replies)})
+                                    **reply_columns("respond", len(rows), replies),
+                                    "respond_request_key": pa.array([request_key(requests[i], self.model)
+                                                                     for i in range(len(rows))], pa.string())})
 
 
 def responded(dataset, endpoint: EndpointConfig, base_url: str, model: str, limits, respond: RespondConfig,
