@@ -21,12 +21,13 @@ from pipeline.llm.shared_limits import local_limits
 from pipeline.models import ModelError, bundled_encoder_dir, prepare_bundled_student
 from training import CheckpointMismatch, TrainingDataError
 from pipeline.pool import PoolImportError, ensure_pool, import_pool, read_pool
+from pipeline.report import ReportError
 
 log = logging.getLogger("tapir")
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
 _USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError,
-                RequestFailed, BudgetExceeded, TrainingDataError, CheckpointMismatch, FileNotFoundError)
+                RequestFailed, BudgetExceeded, TrainingDataError, CheckpointMismatch, ReportError, FileNotFoundError)
 
 
 def _positive_int(text: str) -> int:
@@ -193,11 +194,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline import rounds
+    from pipeline import report, rounds
 
     config = _config(args.config)
     state = rounds.run(config, progress=sys.stderr.isatty())
     location = rounds.run_dir(config).child(rounds.STATE_FILE).uri
+    try:
+        print(f"report: {report.write_report(config.storage.run_dir)[0]}")
+    except Exception as err:    # the run's own outcome still gets said below; the report can be written again
+        log.error("the run report could not be written (%s: %s); `tapir report %s` tries again",
+                  type(err).__name__, err, config.storage.run_dir)
     if state["status"] == "finished":
         print(f"run finished: {config.curriculum.rounds} round(s); spent ${state['spent_usd']:.4f}; state in {location}")
         return 0
@@ -211,6 +217,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from pipeline import rounds
 
     print(f"wrote {rounds.request_stop(_config(args.config))}: the run stops before its next stage")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline import report
+
+    print("\n".join(report.write_report(args.run_dir)))
     return 0
 
 
@@ -282,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     stop = commands.add_parser("stop", help="ask a running `tapir run` to stop cleanly before its next stage")
     stop.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
     stop.set_defaults(run=cmd_stop)
+
+    report_cmd = commands.add_parser("report", help="write a run's report (HTML page, Markdown and plots) to "
+                                                    "RUN_DIR/report/ and print the paths")
+    report_cmd.add_argument("run_dir", help="the run directory (storage.run_dir of the run's config)")
+    report_cmd.set_defaults(run=cmd_report)
 
     check = commands.add_parser("check", help="models, pool, local teacher and one chat completion, end to end")
     check.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")

@@ -63,8 +63,8 @@ def format_round_summary(summary: dict) -> str:
                                               f"p90 {mfd['p90']}" if mfd["rows"] else "none scored"),
         f"  tokens: student {tokens['student']}, teacher {_io(tokens['teacher_score'])}, judge {_io(tokens['judge'])}, "
         f"expand {_io(tokens['expand'])}, respond {_io(tokens['respond'])}; trained on {tokens['trained']}",
-        f"  cost ${summary['cost_usd']['total']:.4f}; loss {summary['training']['first_loss']} → "
-        f"{summary['training']['final_loss']}; model {summary['training']['model']}",
+        f"  cost ${summary['cost_usd']['total']:.4f}; loss {_loss(summary['training']['first_loss'])} → "
+        f"{_loss(summary['training']['final_loss'])}; model {summary['training']['model']}",
         "  wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["wall_s"].items() if v is not None),
     ]
     return "\n".join(lines)
@@ -72,3 +72,7 @@ def format_round_summary(summary: dict) -> str:
 
 def _io(tokens: dict) -> str:
     return f"{tokens['prompt']} in + {tokens['completion']} out"
+
+
+def _loss(value) -> str:
+    return "none" if value is None else f"{value:.3f}"

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from browser import images_of
 from conftest import kill_when
 from pipeline.config import RespondConfig
 from pipeline.llm.emulated_api import EmulatedAPI, default_reply
@@ -177,6 +178,10 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(tmp_path, p
     sent = [json.loads(prompt)[0]["content"] for prompt in calls if json.loads(prompt)[0]["role"] == "system"]
     assert sent and set(sent) <= styles
     assert "== round 1 ==" in resumed.stdout
+    # the run ends with its report: a page whose plots all load in a browser
+    assert f"report: {run / 'report' / 'report.html'}" in resumed.stdout
+    page = images_of(run / "report" / "report.html")
+    assert len(page.images) >= 5 and all(loaded for _, loaded in page.images), page.images
     assert api.api_key not in (run / "state.json").read_text()
 
 
