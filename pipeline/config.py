@@ -48,6 +48,9 @@ class PoolConfig(Section):
     rows_per_shard: int = Field(50_000, gt=0, description="Rows per Parquet shard written on import.")
     max_row_chars: int = Field(32_000, gt=0, description=(
         "Rows whose instruction + input + output exceed this many characters are quarantined."))
+    sample_fraction: Optional[float] = Field(None, gt=0, le=1, description=(
+        "Import only about this share of the valid rows, chosen by a hash of each row's id (the same rows on "
+        "every import, whatever their order); the others are counted as not sampled. For a quick run on a slice."))
 
 
 class StorageConfig(Section):

@@ -8,6 +8,7 @@ error naming the file and line.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 import logging
@@ -54,6 +55,7 @@ class ImportSummary:
     out: str
     rows_in: int = 0
     rows_out: int = 0
+    not_sampled: int = 0                # valid rows left out by pool.sample_fraction
     quarantined: Counter = field(default_factory=Counter)
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -61,7 +63,7 @@ class ImportSummary:
     def as_dict(self) -> dict:
         return {
             "stage": "pool_import", "sources": self.sources, "out": self.out,
-            "rows_in": self.rows_in, "rows_out": self.rows_out,
+            "rows_in": self.rows_in, "rows_out": self.rows_out, "not_sampled": self.not_sampled,
             "failed": sum(self.quarantined.values()), "failed_by_reason": dict(self.quarantined),
             "shards": self.shards, "wall_s": round(self.seconds, 3),
             "rows_per_s": round(self.rows_in / self.seconds, 1) if self.seconds else None,
@@ -70,6 +72,8 @@ class ImportSummary:
     def text(self) -> str:
         lines = [f"imported {self.rows_out} of {self.rows_in} rows into {len(self.shards)} shard(s) "
                  f"in {self.out} ({self.seconds:.1f} s)"]
+        if self.not_sampled:
+            lines.append(f"left out {self.not_sampled} valid rows not in the sample (pool.sample_fraction)")
         if self.quarantined:
             reasons = ", ".join(f"{reason}: {n}" for reason, n in self.quarantined.most_common())
             lines.append(f"quarantined {sum(self.quarantined.values())} rows ({reasons}); "
@@ -304,6 +308,12 @@ def _clear_previous_import(out: store.Location) -> None:
             out.fs.delete_file(path)
 
 
+def in_sample(row_id: str, fraction: float) -> bool:
+    """Whether a row is in a `fraction` sample: decided by its id alone, so every import keeps the same rows."""
+    digest = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2 ** 64
+
+
 def import_pool(sources: list[str], out: store.Location, pool: PoolConfig,
                 overwrite: bool = False, progress: bool = True) -> ImportSummary:
     """Imports `sources` into Parquet shards under `out`; returns counts. Raises PoolImportError."""
@@ -344,6 +354,9 @@ def import_pool(sources: list[str], out: store.Location, pool: PoolConfig,
                 reject(record, problem)
                 continue
             seen_ids.add(row["id"])
+            if pool.sample_fraction is not None and not in_sample(row["id"], pool.sample_fraction):
+                summary.not_sampled += 1
+                continue
             row["source"] = record.where
             writer.add(row)
             summary.rows_out += 1

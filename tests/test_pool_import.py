@@ -44,6 +44,18 @@ def test_ids_are_stable_across_imports(shared_data, tmp_path):
     assert first.column("id").to_pylist() == second.column("id").to_pylist()
 
 
+def test_a_sample_fraction_keeps_the_same_rows_whatever_their_order_and_counts_the_rest(shared_data, tmp_path):
+    lines = (shared_data / "alpaca_dev_4000.jsonl").read_text().splitlines()
+    reversed_file = tmp_path / "reversed.jsonl"
+    reversed_file.write_text("\n".join(reversed(lines)) + "\n")
+    summary, sample = run_import([shared_data / "alpaca_dev_4000.jsonl"], tmp_path / "a", sample_fraction=0.25)
+    _, same = run_import([reversed_file], tmp_path / "b", sample_fraction=0.25)
+    assert 900 < summary.rows_out < 1100 and summary.rows_out + summary.not_sampled == 4000
+    assert set(sample.column("id").to_pylist()) == set(same.column("id").to_pylist())
+    assert json.loads((tmp_path / "a" / MANIFEST).read_text())["not_sampled"] == summary.not_sampled
+    assert "not in the sample" in summary.text()
+
+
 def test_selfinstruct_seed_tasks_import_with_their_own_ids_and_metadata(shared_data, tmp_path):
     summary, pool = run_import([shared_data / "selfinstruct_seed_tasks.jsonl"], tmp_path / "pool")
     assert (summary.rows_in, summary.rows_out) == (175, 175)
