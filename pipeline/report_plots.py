@@ -142,6 +142,10 @@ def stage_usage(tokens: dict[int, dict[str, int]], cost_usd: dict[int, dict[str,
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     _per_stage(axes[0], tokens, "tokens (prompt + completion)", "Tokens per stage")
     _per_stage(axes[1], cost_usd, "US dollars", "Teacher/judge cost per stage")
+    if not any(cost for per_stage in cost_usd.values() for cost in per_stage.values()):
+        # a free endpoint (the local teacher): say so rather than leave an empty axis around zero
+        axes[1].set_ylim(0, 1)
+        axes[1].text(0.5, 0.5, "no paid calls (price 0)", ha="center", va="center", transform=axes[1].transAxes)
     _per_stage(axes[2], wall_s, "seconds", "Wall time per stage")
     axes[0].legend(fontsize=8)
     return _save(fig, path)
