@@ -12,6 +12,7 @@ from typing import Optional
 
 from pipeline import classification, store
 from pipeline.config import ConfigError, PoolConfig, RunConfig, bundled_config_path, load_config, show
+from pipeline.evaluation.winrate_run import EvalError
 from pipeline.llm.client import ChatClient, ChatRequest, EndpointError, RequestFailed
 from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.endpoint import open_endpoint
@@ -27,7 +28,8 @@ log = logging.getLogger("tapir")
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
 _USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError,
-                RequestFailed, BudgetExceeded, TrainingDataError, CheckpointMismatch, ReportError, FileNotFoundError)
+                RequestFailed, BudgetExceeded, TrainingDataError, CheckpointMismatch, ReportError, EvalError,
+                FileNotFoundError)
 
 
 def _positive_int(text: str) -> int:
@@ -72,8 +74,10 @@ def cmd_pool_import(args: argparse.Namespace) -> int:
     config = _config(args.config)
     overrides = {name: value for name, value in (
         ("format", args.format), ("id_column", args.id_column), ("rows_per_shard", args.rows_per_shard),
-        ("max_row_chars", args.max_row_chars)) if value is not None}
-    pool = PoolConfig.model_validate({**config.pool.model_dump(), **overrides})
+        ("max_row_chars", args.max_row_chars), ("sample_fraction", args.sample_fraction)) if value is not None}
+    # without --config the defaults are PoolConfig's, not the demo config's (which imports a slice of its pool)
+    defaults = config.pool.model_dump() if args.config else {}
+    pool = PoolConfig.model_validate({**defaults, **overrides})
     out = store.locate(args.out, config.storage.s3_endpoint_url)
     summary = import_pool(args.sources, out, pool, overwrite=args.overwrite, progress=sys.stderr.isatty())
     print(summary.text())
@@ -213,6 +217,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 3 if state["status"] == "stopped" else 1
 
 
+def cmd_eval_winrate(args: argparse.Namespace) -> int:
+    from pipeline.evaluation import winrate_run
+
+    summary = winrate_run.winrate(_config(args.config), args.model, eval_file=args.eval, out=args.out,
+                                  num_rows=args.rows, name=args.name)
+    print(winrate_run.format_summary(summary, summary["location"]))
+    return 0 if summary["complete"] and summary["rows_judged"] else 1
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from pipeline import rounds
 
@@ -256,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--id-column")
     importer.add_argument("--rows-per-shard", type=_positive_int)
     importer.add_argument("--max-row-chars", type=_positive_int)
+    importer.add_argument("--sample-fraction", type=float, help="import only about this share of the rows, "
+                                                                  "chosen by id hash (pool.sample_fraction)")
     importer.add_argument("--overwrite", action="store_true", help="replace a previous import in --out")
     importer.set_defaults(run=cmd_pool_import)
 
@@ -291,6 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd = commands.add_parser("run", help="all of TAPIR, every round: score, plan, expand, respond, train")
     run_cmd.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
     run_cmd.set_defaults(run=cmd_run)
+
+    evaluation = commands.add_parser("eval", help="evaluate a model on held-out instructions").add_subparsers(
+        dest="action", required=True)
+    winrate = evaluation.add_parser("winrate", help="win rate against reference answers (the file's, else the "
+                                                    "teacher's), judged in both orders: raw, length-controlled, "
+                                                    "per category")
+    winrate.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+    winrate.add_argument("--model", required=True, help="model to evaluate: an HF model directory (e.g. "
+                                                        "RUN_DIR/round_1/model), a hub id, or bundled:NAME")
+    winrate.add_argument("--eval", help="held-out instructions (JSONL/JSON/Parquet: instruction, optional input, "
+                                        "output = reference answer, task; default: eval.held_out_path)")
+    winrate.add_argument("--out", help="output directory (default: RUN_DIR/eval/NAME)")
+    winrate.add_argument("--rows", type=_positive_int, help="evaluate the file's first N rows (default: "
+                                                            "eval.num_rows)")
+    winrate.add_argument("--name", help="the model's name in the results (default: from --model, e.g. round_1)")
+    winrate.set_defaults(run=cmd_eval_winrate)
 
     stop = commands.add_parser("stop", help="ask a running `tapir run` to stop cleanly before its next stage")
     stop.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")

@@ -274,8 +274,14 @@ class TrainingConfig(Section):
 
 
 class EvalConfig(Section):
-    held_out_path: Optional[str] = Field(None, description="Held-out instructions with reference answers.")
-    num_rows: int = Field(200, gt=0)
+    """`tapir eval`: held-out instructions the trained students are measured on (flags override these)."""
+
+    held_out_path: Optional[str] = Field(None, description=(
+        "Held-out instructions (any `tapir pool import` format): instruction, optional input, optional output "
+        "(the reference answer; the teacher answers rows without one), optional task (per-category rates)."))
+    num_rows: int = Field(200, gt=0, description=(
+        "Rows evaluated: the file's first num_rows. ~2 judge calls per row, plus a teacher call per row "
+        "without a reference; 200 gives a win rate with a standard error of about 3.5 points."))
     mtbench_questions: Optional[str] = None
 
 

@@ -1,0 +1,322 @@
+"""`tapir eval winrate`: a model's win rate against reference answers on held-out instructions.
+
+The scoring round's chain over another input with another model: the held-out file is imported like a pool,
+the model answers every row (student stage, vLLM), the teacher answers the rows that have no reference answer
+(teacher stage: a row's own `output` is used where there is one), and the judge compares the two in both
+orders (judge stage). The win-rate math (pipeline/evaluation/winrate.py) then runs on the driver over the
+judged rows: the eval set is small. The model is the judged "student", the reference the judged "teacher".
+
+OUT (default RUN_DIR/eval/MODEL_NAME/):
+  heldout/            the imported file; rows it could not take are in heldout/_quarantine.jsonl
+  input/              the rows evaluated: the file's first eval.num_rows, each with its task
+  judged/             what the stages wrote; with _checkpoint/, a killed evaluation resumes without paying twice
+  results.parquet     one row per evaluated row: answers, where the reference came from, scores, preference
+  summary.parquet     one row: model, round, win_rate, standard_error, lc_win_rate, … (what a comparison gathers)
+  categories.parquet  model, category, score (the category's win rate), standard_error, n
+  _manifest.json      the summary, with the inputs it was computed from
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+
+from pipeline import store
+from pipeline.config import PoolConfig, PriceConfig, RunConfig
+from pipeline.evaluation.winrate import by_category, length_controlled_win_rate, preference, win_rate
+from pipeline.jobs import finish
+from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
+from pipeline.llm.limits import cost_usd
+from pipeline.models import resolve_model
+from pipeline.pool import import_pool, read_pool
+from pipeline.schema import POOL_COLUMNS
+
+EVAL_DIR = "eval"
+RESULTS_FILE = "results.parquet"
+SUMMARY_FILE = "summary.parquet"
+CATEGORIES_FILE = "categories.parquet"
+_INPUTS_FILE = "_inputs.json"
+# A row of the file may name its category under either key (MT-Bench files say "category").
+_TASK_KEYS = ("task", "category")
+# reference_source of a result: the teacher stage's `teacher_source` as the user knows it
+_REFERENCE_SOURCES = {"reference": "file", "teacher": "teacher"}
+# summary.parquet's columns, in order; the first five are what pipeline/report.py's COMPARE_COLUMNS reads
+SUMMARY_COLUMNS = ("model", "round", "win_rate", "standard_error", "lc_win_rate", "lc_standard_error",
+                   "length_slope", "rows", "rows_judged", "rows_failed", "wins", "ties", "losses",
+                   "references_from_file", "references_from_teacher", "student_tokens", "teacher_prompt_tokens",
+                   "teacher_completion_tokens", "judge_prompt_tokens", "judge_completion_tokens", "cost_usd",
+                   "wall_s", "model_path", "eval_file")
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot start as asked; the message says what to change."""
+
+
+def model_name(spec: str) -> tuple[str, Optional[int]]:
+    """The name an evaluated model is filed under, and its round when it is a round's trained student
+    (RUN_DIR/round_R/model → 'round_R', R). `bundled:NAME` → NAME; a directory or hub id → its last part."""
+    if spec.startswith("bundled:"):
+        return spec.removeprefix("bundled:"), None
+    parts = Path(spec.rstrip("/")).parts
+    if len(parts) >= 2 and parts[-1] == "model" and parts[-2].startswith("round_") and parts[-2][6:].isdigit():
+        return parts[-2], int(parts[-2][6:])
+    return (parts[-1] if parts else spec), None
+
+
+def eval_location(config: RunConfig, name: str) -> store.Location:
+    return store.locate(config.storage.run_dir, config.storage.s3_endpoint_url).child(EVAL_DIR, name)
+
+
+def evaluated_rows(heldout: pa.Table, num_rows: int) -> pa.Table:
+    """The first `num_rows` rows of an imported file (pool columns), with `task` taken from their other fields."""
+    rows = heldout.slice(0, num_rows)
+    tasks = []
+    for meta in rows.column("meta").to_pylist():
+        fields = json.loads(meta) if meta else {}
+        task = next((fields[key] for key in _TASK_KEYS if fields.get(key) not in (None, "")), None)
+        tasks.append(None if task is None else str(task))
+    return rows.select(list(POOL_COLUMNS)).append_column("task", pa.array(tasks, pa.string()))
+
+
+def winrate(config: RunConfig, model: str, eval_file: Optional[str] = None, out: Optional[str] = None,
+            num_rows: Optional[int] = None, name: Optional[str] = None,
+            endpoints: Optional[RunEndpoints] = None) -> dict:
+    """Evaluates `model` (a model directory, hub id or bundled:NAME) on the held-out file and returns the
+    summary (also written as OUT/_manifest.json). Arguments left None come from `config.eval`; `name` (default
+    from the model, see model_name) names OUT under RUN_DIR/eval/. A finished evaluation of the same inputs is
+    not run again; an interrupted one continues with the rows not yet written."""
+    from pipeline.scoring import config_hash      # scoring's imports are only needed once a model is evaluated
+
+    eval_file = eval_file or config.eval.held_out_path
+    if not eval_file:
+        raise EvalError("no held-out file: pass --eval FILE or set eval.held_out_path in the config")
+    num_rows = num_rows or config.eval.num_rows
+    default_name, round_index = model_name(model)
+    name = name or default_name
+    location = store.locate(out, config.storage.s3_endpoint_url) if out else eval_location(config, name)
+    model_dir = resolve_model(model, config.storage.cache_dir)
+    inputs = {"model": name, "round": round_index, "model_path": model_dir, "eval_file": _absolute(eval_file),
+              "num_rows": num_rows, "config_hash": config_hash(config)}
+    finished = store.read_json(location, store.MANIFEST)
+    if finished and finished.get("complete") and finished.get("inputs") == inputs:
+        return {**finished, "skipped": True}
+    _claim(location, inputs)
+
+    started = time.perf_counter()
+    rows, quarantined = _input_rows(config, location, eval_file, num_rows)
+    with contextlib.ExitStack() as stack:
+        endpoints = endpoints or RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack)
+        stages, spent = _judge(config, location, model_dir, endpoints.teacher(), endpoints.judge())
+    judged_rows = store.read_table(location.child("judged"))
+    results = results_table(rows, judged_rows)
+    summary = {**summarise(results, config.teacher.price, config.effective_judge.price), **inputs,
+               "inputs": inputs, "location": location.uri, "quarantined": quarantined, "stages": stages,
+               "api_usage_this_run": spent, "wall_s": round(time.perf_counter() - started, 2)}
+    store.write_parquet(location, RESULTS_FILE, results)
+    store.write_parquet(location, SUMMARY_FILE, summary_table(summary))
+    store.write_parquet(location, CATEGORIES_FILE, categories_table(summary))
+    store.write_json(location, store.MANIFEST, summary)
+    if summary["complete"]:
+        finish(location.child("_checkpoint"))
+    return summary
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path or path.startswith("bundled:") else str(Path(path).expanduser().resolve())
+
+
+def _claim(location: store.Location, inputs: dict) -> None:
+    """Marks OUT as this evaluation's, or refuses one that holds another's (its checkpoint would skip rows)."""
+    claimed = store.read_json(location, _INPUTS_FILE)
+    if claimed is not None and claimed != inputs:
+        differing = ", ".join(key for key in inputs if claimed.get(key) != inputs[key])
+        raise EvalError(f"{location.uri}: holds an evaluation of other inputs (they differ in {differing}); pass "
+                        "--out with a new directory (or --name), or delete this one to start it again")
+    if claimed is None:
+        store.write_json(location, _INPUTS_FILE, inputs)
+
+
+def _input_rows(config: RunConfig, location: store.Location, eval_file: str, num_rows: int) -> tuple[pa.Table, int]:
+    """The rows to evaluate (written to OUT/input/ on the first invocation, read back on a resumed one), and how
+    many rows of the file were quarantined."""
+    source = location.child("input")
+    heldout = location.child("heldout")
+    if not source.child("part-00000.parquet").exists():
+        import_pool([eval_file], heldout, PoolConfig(max_row_chars=config.pool.max_row_chars), overwrite=True,
+                    progress=False)
+        store.write_parquet(source, "part-00000.parquet", evaluated_rows(read_pool(heldout), num_rows))
+    manifest = store.read_json(heldout, store.MANIFEST) or {}
+    return read_pool(source), int(manifest.get("failed", 0))
+
+
+def _judge(config: RunConfig, location: store.Location, model_dir: str, teacher: OpenEndpoint,
+           judge: OpenEndpoint) -> tuple[list[dict], dict]:
+    """The streaming job: model answers, references, judged pairs → OUT/judged/. Returns the stage times and the
+    API usage of this invocation."""
+    from pipeline.jobs import read_parquet, write_checkpointed
+    from pipeline.ray_runtime import init_ray, run_limits
+    from pipeline.stages.judge import judged
+    from pipeline.stages.student import generate
+    from pipeline.stages.teacher import answered
+
+    init_ray(config.ray, min_cpus=job_cpus(config))
+    limits = run_limits(config)
+
+    def build():
+        dataset = generate(read_parquet(location.child("input")), model_dir, config.student)
+        # keep_reference_outputs: a row's own answer is its reference; the teacher answers only the others
+        dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring, True)
+        return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring)
+
+    stages = write_checkpointed(build, location.child("judged"), location.child("_checkpoint"), limits)
+    return stages, asyncio.run(limits.usage_by_stage())
+
+
+def job_cpus(config: RunConfig) -> int:
+    """Logical CPUs the job needs: the student actors, Ray's checkpoint filter actor, the two endpoint stages'
+    shares, and two for the read, repartition and write tasks (as pipeline/scoring.py counts them)."""
+    from pipeline.stages.endpoint_stage import ENDPOINT_ACTOR_CPUS
+
+    endpoint_actors = 2 * config.scoring.actors_per_stage * ENDPOINT_ACTOR_CPUS
+    return config.student.num_actors + 1 + math.ceil(endpoint_actors) + 2
+
+
+# ---------------------------------------------------------------- judged rows → results and summary (pure)
+
+_RESULT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()), ("task", pa.string()),
+    ("model_answer", pa.string()), ("reference_answer", pa.string()), ("reference_source", pa.string()),
+    ("model_score", pa.float32()), ("reference_score", pa.float32()), ("preference", pa.float32()),
+    ("model_length", pa.int32()), ("reference_length", pa.int32()), ("model_tokens", pa.int32()),
+    ("teacher_prompt_tokens", pa.int32()), ("teacher_completion_tokens", pa.int32()),
+    ("judge_prompt_tokens", pa.int32()), ("judge_completion_tokens", pa.int32()),
+    ("status", pa.string()), ("error", pa.string()),
+])
+
+
+def results_table(rows: pa.Table, judged: Optional[pa.Table]) -> pa.Table:
+    """One result per evaluated row, in the file's order. A row the stages did not write (an interrupted job)
+    is there with status 'not_written'; `preference` (1 win, 0.5 tie, 0 loss for the model) only for judged rows.
+    Lengths are in characters, as AlpacaEval's length control measures them."""
+    by_id = {row["id"]: row for row in (judged.to_pylist() if judged is not None else [])}
+    results = []
+    for row in rows.select(["id", "instruction", "input", "task"]).to_pylist():
+        out = by_id.get(row["id"])
+        if out is None:
+            results.append({**row, "status": "not_written",
+                            "error": "the evaluation stopped before this row was written; run the same command again"})
+            continue
+        ok = out["status"] == "ok"
+        model_answer, reference = out["student_response"], out["teacher_response"]
+        results.append({
+            **row, "model_answer": model_answer, "reference_answer": reference,
+            "reference_source": _REFERENCE_SOURCES.get(out["teacher_source"]) if reference is not None else None,
+            "model_score": out["student_score"], "reference_score": out["teacher_score"],
+            "preference": preference(out["student_score"], out["teacher_score"]) if ok else None,
+            "model_length": len(model_answer) if model_answer is not None else None,
+            "reference_length": len(reference) if reference is not None else None,
+            "model_tokens": out["student_tokens"],
+            **{name: out[name] for name in ("teacher_prompt_tokens", "teacher_completion_tokens",
+                                            "judge_prompt_tokens", "judge_completion_tokens")},
+            "status": out["status"], "error": out["error"]})
+    return pa.Table.from_pylist(results, schema=_RESULT_SCHEMA)
+
+
+def summarise(results: pa.Table, teacher_price: PriceConfig, judge_price: PriceConfig) -> dict:
+    """Counts, win rates (raw, length-controlled, per category), tokens and cost of a results table. Rates
+    are over the judged rows only; they are None when no row was judged."""
+    rows = results.to_pylist()
+    judged = [r for r in rows if r["status"] == "ok"]
+    statuses = Counter(r["status"] for r in rows if r["status"] != "ok")
+    sources = Counter(r["reference_source"] for r in rows)
+
+    def total(column: str) -> int:
+        return sum(r[column] or 0 for r in rows)
+
+    teacher_cost = cost_usd(teacher_price, total("teacher_prompt_tokens"), total("teacher_completion_tokens"))
+    judge_cost = cost_usd(judge_price, total("judge_prompt_tokens"), total("judge_completion_tokens"))
+    summary = {
+        "complete": statuses["not_written"] == 0, "rows": len(rows), "rows_judged": len(judged),
+        "rows_failed": len(rows) - len(judged), "failed": dict(statuses.most_common()),
+        "references_from_file": sources["file"], "references_from_teacher": sources["teacher"],
+        "student_tokens": total("model_tokens"),
+        **{column: total(column) for column in ("teacher_prompt_tokens", "teacher_completion_tokens",
+                                                "judge_prompt_tokens", "judge_completion_tokens")},
+        "cost_usd": round(teacher_cost + judge_cost, 6),
+        "win_rate": None, "standard_error": None, "wins": 0, "ties": 0, "losses": 0, "lc_win_rate": None,
+        "lc_standard_error": None, "length_slope": None, "categories": {},
+    }
+    if not judged:
+        return summary
+    preferences = [r["preference"] for r in judged]
+    raw = win_rate(preferences)
+    controlled = length_controlled_win_rate(preferences, [r["model_length"] for r in judged],
+                                            [r["reference_length"] for r in judged])
+    categories = by_category(preferences, [r["task"] for r in judged])
+    return {**summary, "win_rate": raw.rate, "standard_error": raw.standard_error, "wins": raw.wins,
+            "ties": raw.ties, "losses": raw.losses, "lc_win_rate": controlled.rate,
+            "lc_standard_error": controlled.standard_error, "length_slope": controlled.length_slope,
+            "categories": {name: {"win_rate": rate.rate, "standard_error": rate.standard_error, "n": rate.n}
+                           for name, rate in categories.items()}}
+
+
+def summary_table(summary: dict) -> pa.Table:
+    """summary.parquet: one row of SUMMARY_COLUMNS."""
+    return pa.Table.from_pylist([{name: summary.get(name) for name in SUMMARY_COLUMNS}],
+                                schema=pa.schema([(name, _summary_type(name)) for name in SUMMARY_COLUMNS]))
+
+
+def _summary_type(column: str) -> pa.DataType:
+    if column in ("model", "model_path", "eval_file"):
+        return pa.string()
+    if column in ("win_rate", "standard_error", "lc_win_rate", "lc_standard_error", "length_slope", "cost_usd",
+                  "wall_s"):
+        return pa.float64()
+    return pa.int64()
+
+
+def categories_table(summary: dict) -> pa.Table:
+    """categories.parquet: model, category, score (the category's win rate), standard_error, n."""
+    return pa.Table.from_pylist(
+        [{"model": summary["model"], "category": name, "score": value["win_rate"],
+          "standard_error": value["standard_error"], "n": value["n"]} for name, value in summary["categories"].items()],
+        schema=pa.schema([("model", pa.string()), ("category", pa.string()), ("score", pa.float64()),
+                          ("standard_error", pa.float64()), ("n", pa.int64())]))
+
+
+def _percent(rate: Optional[float], error: Optional[float]) -> str:
+    return "n/a" if rate is None else f"{100 * rate:.1f}% ± {100 * error:.1f}%"
+
+
+def format_summary(summary: dict, location: str) -> str:
+    failed = ", ".join(f"{reason} {n}" for reason, n in summary["failed"].items()) or "none"
+    lines = [
+        f"{summary['model']} vs references: win rate {_percent(summary['win_rate'], summary['standard_error'])} "
+        f"({summary['rows_judged']} judged: {summary['wins']} wins, {summary['ties']} ties, {summary['losses']} losses)"
+        + (" (already finished; nothing was run)" if summary.get("skipped") else ""),
+        f"  length-controlled {_percent(summary['lc_win_rate'], summary['lc_standard_error'])}"
+        + (f" (judge's length slope {summary['length_slope']:+.2f})" if summary["length_slope"] is not None else ""),
+        f"  rows {summary['rows']} (references: file {summary['references_from_file']}, teacher "
+        f"{summary['references_from_teacher']}); failed: {failed}"
+        + (f"; {summary['quarantined']} row(s) of the file quarantined" if summary.get("quarantined") else ""),
+    ]
+    if summary["categories"]:
+        lines.append("  by category: " + ", ".join(
+            f"{name} {_percent(value['win_rate'], value['standard_error'])} (n {value['n']})"
+            for name, value in summary["categories"].items()))
+    lines += [
+        f"  tokens: model {summary['student_tokens']}, teacher {summary['teacher_prompt_tokens']} in + "
+        f"{summary['teacher_completion_tokens']} out, judge {summary['judge_prompt_tokens']} in + "
+        f"{summary['judge_completion_tokens']} out; cost ${summary['cost_usd']:.4f}",
+        f"  wall time {summary['wall_s']:.1f} s; results in {location.rstrip('/')}/{RESULTS_FILE}",
+    ]
+    if not summary["complete"]:
+        lines.append("  INCOMPLETE: some rows were not written; run the same command again")
+    return "\n".join(lines)
