@@ -128,6 +128,7 @@ def main() -> None:
 
         baseline = trial("baseline", None)
         results["trials"].append({k: v for k, v in baseline.items() if k != "rows"})
+        print(json.dumps(results["trials"][-1]), flush=True)
         for stage in args.stages.split(","):
             outcome = trial(f"kill_{stage}", stage)
             outcome["same_rows_as_baseline"] = {part: outcome["rows"] is not None and outcome["rows"][part] == rows
