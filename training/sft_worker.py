@@ -24,6 +24,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline import store
 from pipeline.config import TrainingConfig
+from training.extension_lock import load_deepspeed_ops
 from training.packing import collate
 from training.steps import StepPlan
 
@@ -75,6 +76,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=steps.warmup_steps,
                               num_training_steps=max(1, steps.total_steps))
+    load_deepspeed_ops()
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=plan.deepspeed_config)
 
