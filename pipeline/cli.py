@@ -12,7 +12,7 @@ from typing import Optional
 
 from pipeline import classification, store
 from pipeline.config import ConfigError, PoolConfig, RunConfig, bundled_config_path, load_config, show
-from pipeline.evaluation.winrate_run import EvalError
+from pipeline.evaluation.eval_dir import EvalError, model_name
 from pipeline.llm.client import ChatClient, ChatRequest, EndpointError, RequestFailed
 from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.endpoint import open_endpoint
@@ -221,9 +221,18 @@ def cmd_eval_winrate(args: argparse.Namespace) -> int:
     from pipeline.evaluation import winrate_run
 
     summary = winrate_run.winrate(_config(args.config), args.model, eval_file=args.eval, out=args.out,
-                                  num_rows=args.rows, name=args.name)
+                                  num_rows=args.rows, name=args.name, round_index=model_name(args.model)[1])
     print(winrate_run.format_summary(summary, summary["location"]))
     return 0 if summary["complete"] and summary["rows_judged"] else 1
+
+
+def cmd_eval_mtbench(args: argparse.Namespace) -> int:
+    from pipeline.evaluation import mtbench_run
+
+    summary = mtbench_run.mtbench(_config(args.config), args.model, questions_file=args.questions,
+                                  references_file=args.references, out=args.out, name=args.name)
+    print(mtbench_run.format_summary(summary, summary["location"]))
+    return 0 if summary["complete"] and summary["turns_judged"] else 1
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -238,6 +247,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     print("\n".join(report.write_report(args.run_dir)))
     return 0
+
+
+def _eval_parser(evaluation, name: str, help_text: str, default_out: str) -> argparse.ArgumentParser:
+    """A `tapir eval` command with the arguments every evaluation takes: config, --model, --out, --name."""
+    parser = evaluation.add_parser(name, help=help_text)
+    parser.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+    parser.add_argument("--model", required=True, help="model to evaluate: an HF model directory (e.g. "
+                                                       "RUN_DIR/round_1/model), a hub id, or bundled:NAME")
+    parser.add_argument("--out", help=f"output directory (default: {default_out})")
+    parser.add_argument("--name", help="the model's name in the results (default: from --model, e.g. round_1)")
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,19 +329,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="evaluate a model on held-out instructions").add_subparsers(
         dest="action", required=True)
-    winrate = evaluation.add_parser("winrate", help="win rate against reference answers (the file's, else the "
-                                                    "teacher's), judged in both orders: raw, length-controlled, "
-                                                    "per category")
-    winrate.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
-    winrate.add_argument("--model", required=True, help="model to evaluate: an HF model directory (e.g. "
-                                                        "RUN_DIR/round_1/model), a hub id, or bundled:NAME")
+    winrate = _eval_parser(evaluation, "winrate", "win rate against reference answers (the file's, else the "
+                                                  "teacher's), judged in both orders: raw, length-controlled, per "
+                                                  "category", "RUN_DIR/eval/NAME")
     winrate.add_argument("--eval", help="held-out instructions (JSONL/JSON/Parquet: instruction, optional input, "
                                         "output = reference answer, task; default: eval.held_out_path)")
-    winrate.add_argument("--out", help="output directory (default: RUN_DIR/eval/NAME)")
     winrate.add_argument("--rows", type=_positive_int, help="evaluate the file's first N rows (default: "
                                                             "eval.num_rows)")
-    winrate.add_argument("--name", help="the model's name in the results (default: from --model, e.g. round_1)")
     winrate.set_defaults(run=cmd_eval_winrate)
+    mtbench = _eval_parser(evaluation, "mtbench", "MT-Bench: the model answers multi-turn questions turn after "
+                                                  "turn; the judge rates each answer 1-10 (with a reference answer "
+                                                  "for math, reasoning, coding); per-category means",
+                           "RUN_DIR/eval/NAME-mtbench")
+    mtbench.add_argument("--questions", help="questions in MT-Bench's format (JSONL: question_id, category, turns; "
+                                             "default: eval.mtbench_questions)")
+    mtbench.add_argument("--references", help="reference answers in MT-Bench's format (JSONL: question_id, "
+                                              "choices[0].turns; default: eval.mtbench_references)")
+    mtbench.set_defaults(run=cmd_eval_mtbench)
 
     stop = commands.add_parser("stop", help="ask a running `tapir run` to stop cleanly before its next stage")
     stop.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")

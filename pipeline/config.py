@@ -282,7 +282,16 @@ class EvalConfig(Section):
     num_rows: int = Field(200, gt=0, description=(
         "Rows evaluated: the file's first num_rows. ~2 judge calls per row, plus a teacher call per row "
         "without a reference; 200 gives a win rate with a standard error of about 3.5 points."))
-    mtbench_questions: Optional[str] = None
+    mtbench_questions: Optional[str] = Field(None, description=(
+        "`tapir eval mtbench`: questions in MT-Bench's file format (question_id, category, turns), one JSON "
+        "object a line; --questions overrides it."))
+    mtbench_references: Optional[str] = Field(None, description=(
+        "`tapir eval mtbench`: reference answers in MT-Bench's file format (question_id, choices[0].turns); the "
+        "judge sees them for math, reasoning and coding. Without them those categories are graded unaided, "
+        "which is known to be unreliable; --references overrides it."))
+    mtbench_judge_max_tokens: int = Field(512, gt=0, description=(
+        "Longest grading reply of the judge: a few sentences and the rating. A reply cut off before its "
+        "rating fails the turn as judge_unparseable."))
 
 
 class RunConfig(Section):

@@ -40,3 +40,24 @@ def kill_when(process, ready, timeout_s: float, output) -> None:
     assert process.poll() is None, f"the first run ended before it could be killed:\n{output.read()[-3000:]}"
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+def run_and_run_again(command: list, api, env: dict, cwd: Path, timeout_s: float) -> str:
+    """Runs a finished-once command (an evaluation) twice against the loopback `api`: the first must succeed,
+    the second must say it already finished and send no call. Returns the first run's output."""
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout_s)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    calls = sum(api.stats.answered_prompts.values())
+    again = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert sum(api.stats.answered_prompts.values()) == calls        # nothing sent twice
+    print(done.stdout)
+    return done.stdout
+
+
+def assert_no_file_holds(directory: Path, secret: str) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

@@ -3,7 +3,6 @@ end with the real vLLM model, the scoring stages and the paid API played by a lo
 import json
 import os
 import secrets
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from conftest import assert_no_file_holds, run_and_run_again
 from pipeline.config import PriceConfig, RunConfig
+from pipeline.evaluation.eval_dir import EvalError, model_name
 from pipeline.evaluation.winrate import by_category, length_controlled_win_rate, preference, win_rate
-from pipeline.evaluation.winrate_run import (EvalError, categories_table, evaluated_rows, format_summary,
-                                             model_name, results_table, summarise, summary_table, winrate)
+from pipeline.evaluation.winrate_run import (categories_table, evaluated_rows, format_summary,
+                                             results_table, summarise, summary_table, winrate)
 from pipeline.llm.emulated_api import EmulatedAPI, default_reply
 from pipeline.llm.judge import request_text
 from pipeline.report import CATEGORY_COLUMNS, COMPARE_COLUMNS
@@ -184,13 +185,7 @@ def test_eval_winrate_judges_every_row_against_the_file_or_the_teacher_and_repor
         env = {**os.environ, KEY_ENV: api.api_key}
         command = [TAPIR, "eval", "winrate", str(config), "--model", "bundled:smollm2-135m-instruct",
                    "--eval", str(eval_file)]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=540)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        calls = sum(api.stats.answered_prompts.values())
-        again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-        assert again.returncode == 0 and "already finished" in again.stdout
-        assert sum(api.stats.answered_prompts.values()) == calls        # nothing sent twice
-    print(done.stdout)
+        stdout = run_and_run_again(command, api, env, REPO, timeout_s=540)
 
     out = tmp_path / "run" / "eval" / "smollm2-135m-instruct"
     results = pq.read_table(out / "results.parquet").to_pylist()
@@ -229,10 +224,8 @@ def test_eval_winrate_judges_every_row_against_the_file_or_the_teacher_and_repor
     assert row["teacher_prompt_tokens"] > 0 and row["judge_prompt_tokens"] > 0 and row["cost_usd"] > 0
     categories = {r["category"]: r for r in pq.read_table(out / "categories.parquet").to_pylist()}
     assert set(categories) == {"Writing", "Reasoning"} and sum(r["n"] for r in categories.values()) == ROWS - 1
-    assert f"win rate {100 * expected.rate:.1f}%" in done.stdout and "by category: Reasoning" in done.stdout
-    assert "failed: judge_unparseable 1" in done.stdout
+    assert f"win rate {100 * expected.rate:.1f}%" in stdout and "by category: Reasoning" in stdout
+    assert "failed: judge_unparseable 1" in stdout
     # the key reached the API and nothing that was written
     assert api.stats.answered > 0
-    for path in out.rglob("*"):
-        if path.is_file():
-            assert api.api_key.encode() not in path.read_bytes(), path
+    assert_no_file_holds(out, api.api_key)

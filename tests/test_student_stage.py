@@ -49,6 +49,30 @@ def test_answers_follow_the_chat_template_like_transformers_generate(generator, 
     assert out.column("student_response")[0].as_py().split()[:3] == expected.split()[:3]
 
 
+def test_the_multi_turn_stage_answers_turn_after_turn_with_the_models_own_earlier_answers(generator):
+    from pipeline.stages.multiturn import MultiTurnGenerator, conversation
+    from pipeline.stages.student import sampling_params
+
+    # the same engine (max_model_len 512), called turn by turn
+    multi = MultiTurnGenerator.__new__(MultiTurnGenerator)
+    multi.__dict__.update(generator.__dict__)
+    multi.sampling = sampling_params(StudentConfig(sampling=SamplingConfig(temperature=0.0, max_tokens=32)))
+    long_text = "word " * 300                       # one of them fits; with the answer and another, it does not
+    turns = [["What is 2 + 2?", "And times 3?"], ["Name a color."], [f"Count: {long_text}", f"Again: {long_text}"]]
+    out = multi(pa.table({"id": ["x", "y", "z"], "turns": turns})).to_pylist()
+    assert [len(row["student_answers"]) for row in out] == [2, 1, 1]
+    assert all(isinstance(answer, str) for row in out for answer in row["student_answers"])
+    assert all(tokens > 0 for row in out for tokens in row["student_turn_tokens"])
+    assert out[0]["student_answers"][0].strip() and out[0]["student_answers"][1].strip()
+    assert [row["student_status"] for row in out] == ["ok", "ok", "too_long"]
+    assert out[2]["student_error"].startswith("turn 2: the conversation of") and out[2]["student_turn_tokens"][0] > 0
+    assert out[0]["student_tokens"] == sum(out[0]["student_turn_tokens"])
+    # turn 2 was asked with the model's own turn-1 answer before it: greedy, the same conversation gives it again
+    again = generator.llm.chat([conversation(turns[0], out[0]["student_answers"][:1])], multi.sampling,
+                               use_tqdm=False)
+    assert again[0].outputs[0].text == out[0]["student_answers"][1]
+
+
 def test_a_sampled_batch_larger_than_one_engine_step_is_answered(generator):
     from pipeline.stages.student import sampling_params
 

@@ -20,29 +20,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
 
 from pipeline import store
 from pipeline.config import PoolConfig, PriceConfig, RunConfig
+from pipeline.evaluation.eval_dir import (RESULTS_FILE, EvalError, absolute, claim, eval_location, finished_summary,
+                                          closing_lines, job_cpus, model_name, write_outputs)
 from pipeline.evaluation.winrate import by_category, length_controlled_win_rate, preference, win_rate
-from pipeline.jobs import finish
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
 from pipeline.llm.limits import cost_usd
 from pipeline.models import resolve_model
 from pipeline.pool import import_pool, read_pool
 from pipeline.schema import POOL_COLUMNS
 
-EVAL_DIR = "eval"
-RESULTS_FILE = "results.parquet"
-SUMMARY_FILE = "summary.parquet"
-CATEGORIES_FILE = "categories.parquet"
-_INPUTS_FILE = "_inputs.json"
 # A row of the file may name its category under either key (MT-Bench files say "category").
 _TASK_KEYS = ("task", "category")
 # reference_source of a result: the teacher stage's `teacher_source` as the user knows it
@@ -53,25 +47,6 @@ SUMMARY_COLUMNS = ("model", "round", "win_rate", "standard_error", "lc_win_rate"
                    "references_from_file", "references_from_teacher", "student_tokens", "teacher_prompt_tokens",
                    "teacher_completion_tokens", "judge_prompt_tokens", "judge_completion_tokens", "cost_usd",
                    "wall_s", "model_path", "eval_file")
-
-
-class EvalError(ValueError):
-    """An evaluation that cannot start as asked; the message says what to change."""
-
-
-def model_name(spec: str) -> tuple[str, Optional[int]]:
-    """The name an evaluated model is filed under, and its round when it is a round's trained student
-    (RUN_DIR/round_R/model → 'round_R', R). `bundled:NAME` → NAME; a directory or hub id → its last part."""
-    if spec.startswith("bundled:"):
-        return spec.removeprefix("bundled:"), None
-    parts = Path(spec.rstrip("/")).parts
-    if len(parts) >= 2 and parts[-1] == "model" and parts[-2].startswith("round_") and parts[-2][6:].isdigit():
-        return parts[-2], int(parts[-2][6:])
-    return (parts[-1] if parts else spec), None
-
-
-def eval_location(config: RunConfig, name: str) -> store.Location:
-    return store.locate(config.storage.run_dir, config.storage.s3_endpoint_url).child(EVAL_DIR, name)
 
 
 def evaluated_rows(heldout: pa.Table, num_rows: int) -> pa.Table:
@@ -86,28 +61,29 @@ def evaluated_rows(heldout: pa.Table, num_rows: int) -> pa.Table:
 
 
 def winrate(config: RunConfig, model: str, eval_file: Optional[str] = None, out: Optional[str] = None,
-            num_rows: Optional[int] = None, name: Optional[str] = None,
+            num_rows: Optional[int] = None, name: Optional[str] = None, round_index: Optional[int] = None,
             endpoints: Optional[RunEndpoints] = None) -> dict:
     """Evaluates `model` (a model directory, hub id or bundled:NAME) on the held-out file and returns the
-    summary (also written as OUT/_manifest.json). Arguments left None come from `config.eval`; `name` (default
-    from the model, see model_name) names OUT under RUN_DIR/eval/. A finished evaluation of the same inputs is
-    not run again; an interrupted one continues with the rows not yet written."""
+    summary (also written as OUT/_manifest.json). Arguments left None come from `config.eval`; `name` names OUT
+    under RUN_DIR/eval/ and the model in the results, with `round_index` its round (both from the model when no
+    name is given, see model_name). A finished evaluation of the same inputs is not run again; an interrupted
+    one continues with the rows not yet written."""
     from pipeline.scoring import config_hash      # scoring's imports are only needed once a model is evaluated
 
     eval_file = eval_file or config.eval.held_out_path
     if not eval_file:
         raise EvalError("no held-out file: pass --eval FILE or set eval.held_out_path in the config")
     num_rows = num_rows or config.eval.num_rows
-    default_name, round_index = model_name(model)
-    name = name or default_name
-    location = store.locate(out, config.storage.s3_endpoint_url) if out else eval_location(config, name)
+    if name is None:
+        name, round_index = model_name(model)
+    location = eval_location(config, name, out)
     model_dir = resolve_model(model, config.storage.cache_dir)
-    inputs = {"model": name, "round": round_index, "model_path": model_dir, "eval_file": _absolute(eval_file),
+    inputs = {"model": name, "round": round_index, "model_path": model_dir, "eval_file": absolute(eval_file),
               "num_rows": num_rows, "config_hash": config_hash(config)}
-    finished = store.read_json(location, store.MANIFEST)
-    if finished and finished.get("complete") and finished.get("inputs") == inputs:
-        return {**finished, "skipped": True}
-    _claim(location, inputs)
+    finished = finished_summary(location, inputs)
+    if finished:
+        return finished
+    claim(location, inputs)
 
     started = time.perf_counter()
     rows, quarantined = _input_rows(config, location, eval_file, num_rows)
@@ -119,28 +95,8 @@ def winrate(config: RunConfig, model: str, eval_file: Optional[str] = None, out:
     summary = {**summarise(results, config.teacher.price, config.effective_judge.price), **inputs,
                "inputs": inputs, "location": location.uri, "quarantined": quarantined, "stages": stages,
                "api_usage_this_run": spent, "wall_s": round(time.perf_counter() - started, 2)}
-    store.write_parquet(location, RESULTS_FILE, results)
-    store.write_parquet(location, SUMMARY_FILE, summary_table(summary))
-    store.write_parquet(location, CATEGORIES_FILE, categories_table(summary))
-    store.write_json(location, store.MANIFEST, summary)
-    if summary["complete"]:
-        finish(location.child("_checkpoint"))
+    write_outputs(location, results, summary, summary_table, categories_table)
     return summary
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path or path.startswith("bundled:") else str(Path(path).expanduser().resolve())
-
-
-def _claim(location: store.Location, inputs: dict) -> None:
-    """Marks OUT as this evaluation's, or refuses one that holds another's (its checkpoint would skip rows)."""
-    claimed = store.read_json(location, _INPUTS_FILE)
-    if claimed is not None and claimed != inputs:
-        differing = ", ".join(key for key in inputs if claimed.get(key) != inputs[key])
-        raise EvalError(f"{location.uri}: holds an evaluation of other inputs (they differ in {differing}); pass "
-                        "--out with a new directory (or --name), or delete this one to start it again")
-    if claimed is None:
-        store.write_json(location, _INPUTS_FILE, inputs)
 
 
 def _input_rows(config: RunConfig, location: store.Location, eval_file: str, num_rows: int) -> tuple[pa.Table, int]:
@@ -166,7 +122,7 @@ def _judge(config: RunConfig, location: store.Location, model_dir: str, teacher:
     from pipeline.stages.student import generate
     from pipeline.stages.teacher import answered
 
-    init_ray(config.ray, min_cpus=job_cpus(config))
+    init_ray(config.ray, min_cpus=job_cpus(config, endpoint_stages=2))
     limits = run_limits(config)
 
     def build():
@@ -177,15 +133,6 @@ def _judge(config: RunConfig, location: store.Location, model_dir: str, teacher:
 
     stages = write_checkpointed(build, location.child("judged"), location.child("_checkpoint"), limits)
     return stages, asyncio.run(limits.usage_by_stage())
-
-
-def job_cpus(config: RunConfig) -> int:
-    """Logical CPUs the job needs: the student actors, Ray's checkpoint filter actor, the two endpoint stages'
-    shares, and two for the read, repartition and write tasks (as pipeline/scoring.py counts them)."""
-    from pipeline.stages.endpoint_stage import ENDPOINT_ACTOR_CPUS
-
-    endpoint_actors = 2 * config.scoring.actors_per_stage * ENDPOINT_ACTOR_CPUS
-    return config.student.num_actors + 1 + math.ceil(endpoint_actors) + 2
 
 
 # ---------------------------------------------------------------- judged rows → results and summary (pure)
@@ -315,8 +262,5 @@ def format_summary(summary: dict, location: str) -> str:
         f"  tokens: model {summary['student_tokens']}, teacher {summary['teacher_prompt_tokens']} in + "
         f"{summary['teacher_completion_tokens']} out, judge {summary['judge_prompt_tokens']} in + "
         f"{summary['judge_completion_tokens']} out; cost ${summary['cost_usd']:.4f}",
-        f"  wall time {summary['wall_s']:.1f} s; results in {location.rstrip('/')}/{RESULTS_FILE}",
     ]
-    if not summary["complete"]:
-        lines.append("  INCOMPLETE: some rows were not written; run the same command again")
-    return "\n".join(lines)
+    return "\n".join(lines + closing_lines(summary, location, "rows"))

@@ -82,12 +82,13 @@ class StudentGenerator:
                                     zip(OUTPUT_COLUMNS, (pa.string(), pa.int32(), pa.string(), pa.string()))})
 
 
-def generate(dataset, model_dir: str, config: StudentConfig):
-    """The stage applied to a Ray dataset: `num_actors` engines, each with its GPUs (none on CPU)."""
+def generate(dataset, model_dir: str, config: StudentConfig, generator: type = StudentGenerator):
+    """The stage applied to a Ray dataset: `num_actors` engines, each with its GPUs (none on CPU).
+    `generator`: the callable class (StudentGenerator, or multiturn.MultiTurnGenerator over the same engine)."""
     import ray.data
 
     # Blocks of one batch each, so every engine of the pool gets work (see classify()).
     return dataset.repartition(target_num_rows_per_block=config.batch_size).map_batches(
-        StudentGenerator, fn_constructor_kwargs={"config": config, "model_dir": model_dir},
+        generator, fn_constructor_kwargs={"config": config, "model_dir": model_dir},
         batch_size=config.batch_size, batch_format="pyarrow", num_gpus=config.num_gpus_per_actor or None,
         compute=ray.data.ActorPoolStrategy(size=config.num_actors))
