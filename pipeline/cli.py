@@ -235,6 +235,17 @@ def cmd_eval_mtbench(args: argparse.Namespace) -> int:
     return 0 if summary["complete"] and summary["turns_judged"] else 1
 
 
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from pipeline import report
+    from pipeline.evaluation import compare
+
+    config = _config(args.config)
+    table = compare.compare(config, eval_file=args.eval, num_rows=args.rows)
+    print(compare.format_compare(table))
+    print(f"report: {report.write_report(config.storage.run_dir)[0]}")
+    return 0 if all(row["rows_judged"] for row in table.to_pylist()) else 1
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from pipeline import rounds
 
@@ -346,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     mtbench.add_argument("--references", help="reference answers in MT-Bench's format (JSONL: question_id, "
                                               "choices[0].turns; default: eval.mtbench_references)")
     mtbench.set_defaults(run=cmd_eval_mtbench)
+    compare = evaluation.add_parser("compare", help="each round's student, the student it started from and a "
+                                                    "plain-distillation baseline (trained here: as many random "
+                                                    "pool rows, plain teacher answers, the same training) on the "
+                                                    "same held-out rows; writes RUN_DIR/eval/compare.parquet and "
+                                                    "the report")
+    compare.add_argument("config", nargs="?", help="the run's config (default: the bundled local.yaml)")
+    compare.add_argument("--eval", help="held-out instructions, as for `tapir eval winrate` (default: "
+                                        "eval.held_out_path)")
+    compare.add_argument("--rows", type=_positive_int, help="evaluate the file's first N rows (default: "
+                                                            "eval.num_rows)")
+    compare.set_defaults(run=cmd_eval_compare)
 
     stop = commands.add_parser("stop", help="ask a running `tapir run` to stop cleanly before its next stage")
     stop.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")

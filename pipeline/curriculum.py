@@ -123,3 +123,16 @@ def expansion_seeds(hard_ids: Sequence[str], easy_ids: Sequence[str], count: int
         rng.shuffle(order)
         chosen.extend((order[i % len(order)], difficulty) for i in range(wanted))
     return chosen
+
+
+def baseline_copies(count: int, size: int, seed: int) -> Counter:
+    """Plain distillation's rows: `size` of `count` rows drawn at random, no difficulty and no task in the
+    choice. Without replacement while the rows last; beyond that every row is taken size // count times and
+    the remainder drawn at random, so no row is repeated more than once over another. Returns index → copies."""
+    if count <= 0 or size <= 0:
+        return Counter()
+    rng = random.Random(seed)
+    whole, remainder = divmod(size, count)
+    copies = Counter({index: whole for index in range(count)} if whole else {})
+    copies.update(rng.sample(range(count), remainder))
+    return copies

@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-import pyarrow.parquet as pq
 
 from pipeline import store
 from pipeline.planning import PLAN, TRAIN
@@ -31,9 +30,10 @@ PLOTS_DIR = "plots"
 EVAL_DIR = "eval"
 COMPARE_FILE = "compare.parquet"
 CATEGORIES_FILE = "categories.parquet"
-# eval/compare.parquet: one row per model. win_rate and lc_win_rate (length-controlled; may be null) are shares
-# in [0, 1], as pipeline/evaluation/winrate.py computes them, standard_error in the same unit; round is null for
-# a model that is no round's student (the baseline).
+# eval/compare.parquet (pipeline/evaluation/compare.py): one row per model. win_rate and lc_win_rate
+# (length-controlled; may be null) are shares in [0, 1] against the held-out references, as
+# pipeline/evaluation/winrate.py computes them, standard_error in the same unit; round is null for a model that
+# is no round's student (the baseline, the student the run started from).
 COMPARE_COLUMNS = ("model", "round", "win_rate", "standard_error", "lc_win_rate")
 CATEGORY_COLUMNS = ("model", "category", "score")
 NO_EVALUATION = ("No evaluation was run: `tapir eval compare CONFIG` writes eval/compare.parquet and "
@@ -64,7 +64,7 @@ class RoundFiles:
 class Evaluation:
     """eval/compare.parquet and eval/categories.parquet; None where the file is absent."""
 
-    models: Optional[list[dict]]                         # compare rows: baseline first, then by round
+    models: Optional[list[dict]]                         # compare rows: no-round models first, then by round
     categories: Optional[dict[str, dict[str, float]]]    # model → category → score
 
 
@@ -136,9 +136,9 @@ def _step_losses(lines: list[str], uri: str) -> list[tuple[int, float]]:
 
 def _read_parquet(location: store.Location, name: str, columns: tuple[str, ...]) -> Optional[list[dict]]:
     file = location.child(name)
-    if not file.exists():
+    table = store.read_parquet_file(location, name)
+    if table is None:
         return None
-    table = pq.read_table(file.path, filesystem=file.fs)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise ReportError(f"{file.uri}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
@@ -222,10 +222,11 @@ def make_plots(rounds: list[RoundFiles], evaluation: Evaluation, out: Path) -> l
             "Per finished round: tokens each stage sent and received (student: generated; trained: seen in "
             "training), what the teacher and judge cost, and each stage's wall time."))
     if evaluation.models:
-        figures.append(Figure("Win rate against the baseline", plots.win_rates(evaluation.models,
-                                                                               out / "win_rate.png"),
-                              f"From {EVAL_DIR}/{COMPARE_FILE}: win rate ± standard error, and the "
-                              "length-controlled win rate."))
+        figures.append(Figure("Win rate: each round against the baseline", plots.win_rates(
+            evaluation.models, out / "win_rate.png"),
+            f"From {EVAL_DIR}/{COMPARE_FILE} (`tapir eval compare`): every model judged against the same "
+            "references on the same held-out rows, win rate ± standard error and length-controlled; the dashed "
+            "line is the plain-distillation baseline's."))
     if evaluation.categories:
         figures.append(Figure("Scores per category", plots.category_scores(evaluation.categories,
                                                                            out / "category_scores.png"),

@@ -152,20 +152,25 @@ def stage_usage(tokens: dict[int, dict[str, int]], cost_usd: dict[int, dict[str,
 
 
 def win_rates(models: list[dict], path: Path) -> Path:
-    """Win rate against the baseline (a share: wins + ties / 2 over pairs) with its standard error, and the
-    length-controlled win rate, per model. `models`: rows of eval/compare.parquet in display order."""
+    """Each model's win rate against the held-out references (a share: wins + ties / 2 over pairs) with its
+    standard error, the length-controlled win rate, and the plain-distillation baseline's rate as a line to
+    beat. `models`: rows of eval/compare.parquet in display order."""
     fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(models) + 2), 4.2))
     xs = range(len(models))
     ax.bar(xs, [m["win_rate"] for m in models], 0.6, yerr=[m["standard_error"] or 0.0 for m in models],
-           capsize=4, color="tab:blue", label="win rate ± standard error")
+           capsize=4, color=["tab:gray" if m["round"] is None else "tab:blue" for m in models],
+           label="win rate ± standard error (gray: not a round's student)")
     controlled = [(x, m["lc_win_rate"]) for x, m in zip(xs, models) if m["lc_win_rate"] is not None]
     if controlled:
         ax.scatter(*zip(*controlled), color="tab:orange", zorder=3, marker="D", label="length-controlled win rate")
-    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="parity with the baseline")
+    baseline = next((m for m in models if m["model"] == "baseline"), None)
+    if baseline is not None:
+        ax.axhline(baseline["win_rate"], color="tab:red", linestyle="--", linewidth=1,
+                   label="plain-distillation baseline")
     ax.set_xticks(list(xs), [m["model"] for m in models])
     ax.set_ylim(0, 1)
-    ax.set_ylabel("win rate against the baseline")
-    ax.set_title("Win rate per model against the baseline")
+    ax.set_ylabel("win rate against the references")
+    ax.set_title("Win rate per model on the same held-out rows")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)

@@ -147,3 +147,11 @@ def read_table(location: Location, columns: Optional[list[str]] = None) -> Optio
     if not files:
         return None
     return pads.dataset(files, filesystem=location.fs, format="parquet").to_table(columns=columns)
+
+
+def read_parquet_file(location: Location, name: str) -> Optional[pa.Table]:
+    """One Parquet file of the directory; None when it is absent."""
+    file = location.child(name)
+    if not file.exists():
+        return None
+    return pq.read_table(file.path, filesystem=file.fs)

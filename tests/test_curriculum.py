@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 
 from pipeline.config import DEFAULT_TASK_TARGETS, CurriculumConfig
-from pipeline.curriculum import hard_share, is_hard, plan_round, quotas, resample, total_variation
+from pipeline.curriculum import baseline_copies, hard_share, is_hard, plan_round, quotas, resample, total_variation
 
 
 def test_the_hard_share_rises_by_beta_each_round_up_to_one():
@@ -89,3 +89,15 @@ def test_expansion_seeds_split_by_the_hard_share_and_cycle_through_every_seed():
     assert Counter(d for _, d in expansion_seeds([], easy, 5, 0.75, 0, 0)) == {"easy": 5}
     assert Counter(d for _, d in expansion_seeds(hard, [], 5, 0.25, 0, 0)) == {"hard": 5}
     assert expansion_seeds([], [], 5, 0.5, 0, 0) == []
+
+
+def test_the_baseline_draws_its_rows_at_random_without_repeats_until_the_pool_runs_out():
+    few = baseline_copies(count=100, size=30, seed=3)
+    assert sum(few.values()) == 30 and set(few.values()) == {1} and all(0 <= i < 100 for i in few)
+    assert few == baseline_copies(count=100, size=30, seed=3) != baseline_copies(count=100, size=30, seed=4)
+    # not the first rows, nor any order the pool happens to have
+    assert sorted(few) != list(range(30))
+    more = baseline_copies(count=10, size=25, seed=3)
+    assert sum(more.values()) == 25 and set(more) == set(range(10)) and sorted(Counter(more.values())) == [2, 3]
+    assert Counter(more.values()) == {2: 5, 3: 5}
+    assert baseline_copies(count=0, size=5, seed=1) == Counter() == baseline_copies(count=5, size=0, seed=1)

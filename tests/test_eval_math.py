@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.evaluation.winrate import (WinRate, by_category, length_controlled_win_rate, preference,
-                                         win_rate)
+from pipeline.evaluation.winrate import (WinRate, by_category, length_controlled_win_rate, paired_difference,
+                                         preference, win_rate)
 
 
 def test_a_pair_is_a_win_a_tie_or_a_loss_for_the_model():
@@ -94,3 +94,25 @@ def test_a_model_that_wins_every_pair_still_gets_a_finite_length_controlled_rate
 def test_lengths_must_match_the_preferences():
     with pytest.raises(ValueError, match="3 model lengths"):
         length_controlled_win_rate([1.0, 0.0], [1, 2, 3], [1, 2])
+
+
+def test_the_paired_difference_to_a_baseline_is_over_the_rows_both_were_judged_on():
+    model = {"a": 1.0, "b": 0.5, "c": 1.0, "d": 0.0}
+    baseline = {"a": 0.0, "b": 0.5, "c": 0.5, "e": 1.0}
+    paired = paired_difference(model, baseline)
+    differences = [1.0, 0.0, 0.5]                             # a, b, c: d and e were judged for one only
+    assert paired.n == 3 and paired.difference == pytest.approx(0.5)
+    assert paired.standard_error == pytest.approx(np.std(differences, ddof=1) / math.sqrt(3))
+    assert paired_difference(model, {"x": 1.0}) is None
+
+
+def test_pairing_by_row_takes_the_rows_own_difficulty_out_of_the_error():
+    rng = np.random.default_rng(5)
+    hard = rng.random(400) < 0.5                               # on hard rows both models mostly lose
+    baseline = np.where(hard, rng.random(400) < 0.15, rng.random(400) < 0.85).astype(float)
+    better = np.where(rng.random(400) < 0.1, 1.0, baseline)    # the baseline, winning 10 % more rows
+    ids = [str(i) for i in range(400)]
+    paired = paired_difference(dict(zip(ids, better)), dict(zip(ids, baseline)))
+    unpaired = math.hypot(win_rate(better).standard_error, win_rate(baseline).standard_error)
+    assert paired.difference == pytest.approx(better.mean() - baseline.mean())
+    assert paired.standard_error < unpaired / 2

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 TAPIR = str(Path(sys.executable).with_name("tapir"))
 KEY_ENV = "TAPIR_TEST_RUN_KEY"
 ROWS = 32
+HELDOUT_ROWS = 6
 BATCH = 8
 
 
@@ -86,22 +88,40 @@ def write_config(tmp_path: Path, pool: Path, api: EmulatedAPI, cache_dir: Path, 
     return path
 
 
-@pytest.fixture
-def pool(tmp_path, shared_data) -> Path:
-    path = tmp_path / "pool.jsonl"
+def write_pool(directory: Path, shared_data: Path) -> Path:
+    path = directory / "pool.jsonl"
     path.write_text("\n".join((shared_data / "alpaca_dev_4000.jsonl").read_text().splitlines()[:ROWS]) + "\n")
     return path
+
+
+@pytest.fixture
+def pool(tmp_path, shared_data) -> Path:
+    return write_pool(tmp_path, shared_data)
 
 
 def tapir(*args, env, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run([TAPIR, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
-@pytest.mark.timeout(2400)     # two rounds of training on 2 cores, a kill and two more invocations
-def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(tmp_path, pool, prepared_student):
+@dataclass
+class KilledRun:
+    """A 2-round run killed in round 1 and run again to the end, with the loopback API still serving."""
+    api: EmulatedAPI
+    config: Path
+    env: dict
+    run: Path
+    state_at_kill: dict
+    calls_at_kill: Counter
+    calls: Counter          # every prompt the API answered, and how often, when the run had finished
+    resumed: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, shared_data, prepared_student):
+    tmp_path = tmp_path_factory.mktemp("killed-run")
     api = EmulatedAPI(latency_s=0.05, reply=teacher_reply)
     with api.serving_in_thread():
-        config = write_config(tmp_path, pool, api, prepared_student.parent.parent)
+        config = write_config(tmp_path, write_pool(tmp_path, shared_data), api, prepared_student.parent.parent)
         env = {**os.environ, KEY_ENV: api.api_key}
         run = tmp_path / "run"
         # the output goes to a file: a pipe nobody reads fills up and blocks the run's progress bars
@@ -118,9 +138,17 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(tmp_path, p
 
         resumed = tapir("run", str(config), env=env)
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-        calls = Counter(api.stats.answered_prompts)
-        again = tapir("run", str(config), env=env, timeout=300)
-        assert again.returncode == 0 and Counter(api.stats.answered_prompts) == calls   # nothing left to do
+        yield KilledRun(api, config, env, run, state_at_kill, calls_at_kill, Counter(api.stats.answered_prompts),
+                        resumed)
+
+
+@pytest.mark.timeout(2400)     # two rounds of training on 2 cores, a kill and two more invocations
+def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(killed_run):
+    api, config, env, run = killed_run.api, killed_run.config, killed_run.env, killed_run.run
+    state_at_kill, calls_at_kill, calls, resumed = (killed_run.state_at_kill, killed_run.calls_at_kill,
+                                                    killed_run.calls, killed_run.resumed)
+    again = tapir("run", str(config), env=env, timeout=300)
+    assert again.returncode == 0 and Counter(api.stats.answered_prompts) == calls   # nothing left to do
 
     # respond takes seconds here: on a loaded machine the kill can land in the steps right after it
     assert state_at_kill["round"] == 1 and state_at_kill["stage"] in ("respond", "train_set", "train")
@@ -183,6 +211,72 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(tmp_path, p
     page = images_of(run / "report" / "report.html")
     assert len(page.images) >= 5 and all(loaded for _, loaded in page.images), page.images
     assert api.api_key not in (run / "state.json").read_text()
+
+
+@pytest.mark.timeout(1800)     # a baseline's training and four models' evaluations
+def test_eval_compare_trains_a_plain_baseline_and_scores_every_round_against_it(killed_run, shared_data):
+    api, run = killed_run.api, killed_run.run
+    heldout = killed_run.config.parent / "heldout.jsonl"
+    rows = (shared_data / "alpaca_dev_4000.jsonl").read_text().splitlines()[1000:1000 + HELDOUT_ROWS]
+    heldout.write_text("\n".join(rows) + "\n")
+    command = ("eval", "compare", str(killed_run.config), "--eval", str(heldout))
+    before = Counter(api.stats.answered_prompts)
+    done = tapir(*command, env=killed_run.env, timeout=1500)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    print(done.stdout)
+    sent = Counter(api.stats.answered_prompts) - before
+
+    # the baseline: as many rows as both rounds trained on, drawn from the pool, plain answers, trained
+    trained = sum(pq.read_table(run / f"round_{r}" / "train" / "part-0.parquet").num_rows for r in (0, 1))
+    baseline_set = pq.read_table(run / "baseline" / "round_0" / "train" / "part-0.parquet").to_pylist()
+    pool_ids = set(pads.dataset(run / "round_0" / "score", format="parquet").to_table(columns=["id"])["id"]
+                   .to_pylist())
+    assert len(baseline_set) == trained and {row["id"] for row in baseline_set} <= pool_ids
+    assert {row["style"] for row in baseline_set} == {"style_plain"} and all(row["output"] for row in baseline_set)
+    plain = prompt_template("style_plain").template.strip()
+    systems = [json.loads(prompt)[0]["content"] for prompt in sent if json.loads(prompt)[0]["role"] == "system"]
+    assert systems and set(systems) == {plain}                    # the baseline's teacher answers, unstyled
+    assert (run / "baseline" / "round_0" / "model" / "config.json").exists()
+    baseline_sft = json.loads((run / "baseline" / "round_0" / "sft" / "_manifest.json").read_text())
+    round_sft = json.loads((run / "round_0" / "sft" / "_manifest.json").read_text())
+    assert baseline_sft["complete"] and baseline_sft["data"]["rows_in"] == trained
+    assert baseline_sft["steps"]["effective_batch_size"] == round_sft["steps"]["effective_batch_size"]
+
+    # every model on the same held-out rows against the same references, and each against the baseline
+    compare = pq.read_table(run / "eval" / "compare.parquet").to_pylist()
+    assert [(row["model"], row["round"]) for row in compare] == [
+        ("base_student", None), ("baseline", None), ("round_0", 0), ("round_1", 1)]
+    preferences = {}
+    for row in compare:
+        results = pq.read_table(run / "eval" / row["model"] / "results.parquet").to_pylist()
+        assert [r["instruction"] for r in results] == [json.loads(line)["instruction"] for line in rows]
+        assert {r["reference_source"] for r in results} == {"file"}
+        preferences[row["model"]] = {r["id"]: r["preference"] for r in results if r["status"] == "ok"}
+        summary = pq.read_table(run / "eval" / row["model"] / "summary.parquet").to_pylist()[0]
+        assert (row["win_rate"], row["rows_judged"]) == (summary["win_rate"], summary["rows_judged"]) and \
+            row["rows_judged"] == HELDOUT_ROWS
+    for row in compare:
+        if row["model"] == "baseline":
+            assert row["difference_to_baseline"] is None and row["trained_rows"] == trained
+            continue
+        expected = sum(preferences[row["model"]][i] - preferences["baseline"][i] for i in preferences["baseline"])
+        assert row["difference_to_baseline"] == pytest.approx(expected / HELDOUT_ROWS)
+    assert [row["trained_rows"] for row in compare] == [0, trained, trained - len(
+        pq.read_table(run / "round_1" / "train" / "part-0.parquet")), trained]
+    categories = pq.read_table(run / "eval" / "categories.parquet").to_pylist()
+    assert {row["model"] for row in categories} == {row["model"] for row in compare}
+    assert "vs baseline" in done.stdout and "round_1" in done.stdout
+    page = images_of(run / "report" / "report.html")
+    assert all(loaded for _, loaded in page.images), page.images
+    assert all((run / "report" / "plots" / name).exists() for name in ("win_rate.png", "category_scores.png"))
+    markdown = (run / "report" / "report.md").read_text()
+    assert "Win rate: each round against the baseline" in markdown and "Scores per category" in markdown
+
+    # run again: everything is found finished, nothing is sent
+    answered = Counter(api.stats.answered_prompts)
+    again = tapir(*command, env=killed_run.env, timeout=300)
+    assert again.returncode == 0 and Counter(api.stats.answered_prompts) == answered
+    assert pq.read_table(run / "eval" / "compare.parquet").to_pylist() == compare
 
 
 def test_a_budget_cap_stops_the_run_cleanly_and_a_larger_one_lets_it_go_on(tmp_path, pool, prepared_student):

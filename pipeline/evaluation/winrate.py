@@ -136,3 +136,23 @@ def _sigmoid(x: float) -> float:
 
 def _sigmoid_array(x: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0, -x))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    difference: float           # mean over the shared rows of (model's preference - baseline's preference)
+    standard_error: float       # sample std of the differences (n - 1) / sqrt(n); 0 when n < 2
+    n: int                      # rows both were judged on
+
+
+def paired_difference(model: dict[str, float], baseline: dict[str, float]) -> Optional[PairedDifference]:
+    """How much higher a model's win rate is than a baseline's against the same references, over the rows both
+    were judged on (row id → preference). Pairing by row removes the rows' own difficulty from the error, so
+    it is smaller than the two rates' errors combined. None when no row was judged for both."""
+    shared = sorted(model.keys() & baseline.keys())
+    if not shared:
+        return None
+    differences = np.array([model[row] - baseline[row] for row in shared])
+    n = len(differences)
+    error = float(differences.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return PairedDifference(difference=float(differences.mean()), standard_error=error, n=n)
