@@ -10,9 +10,11 @@ write every row twice.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Optional
 
 from pipeline import store
+from pipeline.config import RunConfig
 from pipeline.llm.client import EndpointError
 from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.secret import MissingSecretError
@@ -90,3 +92,12 @@ def stage_times(dataset) -> list[dict]:
             for op in sorted(operators, key=lambda o: o.earliest_start_time or 0)
             if op.earliest_start_time is not None and op.latest_end_time is not None
             and not op.operator_name.startswith(_PLUMBING)]
+
+
+def job_cpus(config: RunConfig, endpoint_stages: int, model_actors: int = 0) -> int:
+    """Logical CPUs a streaming job needs: its model actors (the student's, plus `model_actors` more), Ray's
+    checkpoint filter actor, the endpoint stages' shares, and two for the read, repartition and write tasks."""
+    from pipeline.stages.endpoint_stage import ENDPOINT_ACTOR_CPUS
+
+    endpoint_actors = endpoint_stages * config.scoring.actors_per_stage * ENDPOINT_ACTOR_CPUS
+    return config.student.num_actors + model_actors + 1 + math.ceil(endpoint_actors) + 2

@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-
 from pipeline import store
+from pipeline.evaluation.eval_dir import CATEGORIES_FILE, EVAL_DIR
 from pipeline.planning import PLAN, TRAIN
 from pipeline.round_summary import format_round_summary
 
@@ -27,9 +27,7 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 PLOTS_DIR = "plots"
-EVAL_DIR = "eval"
 COMPARE_FILE = "compare.parquet"
-CATEGORIES_FILE = "categories.parquet"
 # eval/compare.parquet (pipeline/evaluation/compare.py): one row per model. win_rate and lc_win_rate
 # (length-controlled; may be null) are shares in [0, 1] against the held-out references, as
 # pipeline/evaluation/winrate.py computes them, standard_error in the same unit; round is null for a model that

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import store
+from pipeline import jobs, store
 from pipeline.classification import (checkpoint_location, classified, ensure_classifier, model_location,
                                      round_location)
 from pipeline.config import RunConfig
@@ -125,13 +124,10 @@ def _run(config: RunConfig, round_index: int, source: store.Location, classifier
 
 
 def job_cpus(config: RunConfig) -> int:
-    """Logical CPUs the streaming job needs: one per classifier and student actor, one for Ray's checkpoint
-    filter actor, the endpoint actors' shares, and two for the read, repartition and write tasks."""
-    from pipeline.stages.endpoint_stage import ENDPOINT_ACTOR_CPUS
-
-    endpoint_stages = 2 + int(config.classifier.teacher_relabels_low_confidence)
-    endpoint_actors = endpoint_stages * config.scoring.actors_per_stage * ENDPOINT_ACTOR_CPUS
-    return config.classifier.num_actors + config.student.num_actors + 1 + math.ceil(endpoint_actors) + 2
+    """Logical CPUs the scoring job needs: jobs.job_cpus with the classifier's actors and, when it relabels,
+    a third endpoint stage."""
+    return jobs.job_cpus(config, endpoint_stages=2 + int(config.classifier.teacher_relabels_low_confidence),
+                         model_actors=config.classifier.num_actors)
 
 
 def read_scored(location: store.Location) -> pa.Table:

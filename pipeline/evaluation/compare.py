@@ -25,15 +25,16 @@ from pipeline import planning, responding, store
 from pipeline.classification import model_location, run_dir
 from pipeline.config import RunConfig
 from pipeline.curriculum import baseline_copies
-from pipeline.evaluation.eval_dir import RESULTS_FILE, EvalError, eval_location, job_cpus
+from pipeline.evaluation.eval_dir import CATEGORIES_FILE, EVAL_DIR, RESULTS_FILE, EvalError, eval_location
 from pipeline.evaluation.winrate import paired_difference
 from pipeline.llm.endpoint import RunEndpoints
-from pipeline.report import CATEGORIES_FILE, COMPARE_FILE, EVAL_DIR
+from pipeline.jobs import job_cpus
+from pipeline.report import COMPARE_FILE
+from pipeline.rounds import STATE_FILE
 
 BASELINE = "baseline"
 BASE_STUDENT = "base_student"
 BASELINE_STYLE = "style_plain"
-STATE_FILE = "state.json"
 _POOL_COLUMNS = ["id", "instruction", "input", "task", "mfd"]
 COMPARE_SCHEMA = pa.schema([
     ("model", pa.string()), ("round", pa.int64()), ("win_rate", pa.float64()), ("standard_error", pa.float64()),

@@ -6,13 +6,13 @@ with the summary, and a finished evaluation of the same inputs is not run again.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable, Optional
 
 import pyarrow as pa
 
 from pipeline import store
+from pipeline.classification import run_dir
 from pipeline.config import RunConfig
 from pipeline.jobs import finish
 
@@ -42,7 +42,7 @@ def eval_location(config: RunConfig, name: str, out: Optional[str] = None) -> st
     """`out` when given, else RUN_DIR/eval/NAME."""
     if out:
         return store.locate(out, config.storage.s3_endpoint_url)
-    return store.locate(config.storage.run_dir, config.storage.s3_endpoint_url).child(EVAL_DIR, name)
+    return run_dir(config).child(EVAL_DIR, name)
 
 
 def absolute(path: str) -> str:
@@ -87,12 +87,3 @@ def closing_lines(summary: dict, location: str, unit: str) -> list[str]:
     if not summary["complete"]:
         lines.append(f"  INCOMPLETE: some {unit} were not written; run the same command again")
     return lines
-
-
-def job_cpus(config: RunConfig, endpoint_stages: int) -> int:
-    """Logical CPUs an evaluation's job needs: the student actors, Ray's checkpoint filter actor, the endpoint
-    stages' shares, and two for the read, repartition and write tasks (as pipeline/scoring.py counts them)."""
-    from pipeline.stages.endpoint_stage import ENDPOINT_ACTOR_CPUS
-
-    endpoint_actors = endpoint_stages * config.scoring.actors_per_stage * ENDPOINT_ACTOR_CPUS
-    return config.student.num_actors + 1 + math.ceil(endpoint_actors) + 2

@@ -30,8 +30,8 @@ from pipeline import store
 from pipeline.config import PriceConfig, RunConfig
 from pipeline.evaluation.mtbench import (Question, QuestionId, read_questions, read_references,
                                          shows_reference)
-from pipeline.evaluation.eval_dir import (RESULTS_FILE, EvalError, absolute, claim, eval_location, finished_summary,
-                                          closing_lines, job_cpus, model_name, write_outputs)
+from pipeline.evaluation.eval_dir import (RESULTS_FILE, EvalError, absolute, claim, closing_lines, eval_location,
+                                          finished_summary, model_name, write_outputs)
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
 from pipeline.llm.limits import cost_usd
 from pipeline.models import resolve_model
@@ -101,7 +101,7 @@ def mtbench(config: RunConfig, model: str, questions_file: Optional[str] = None,
 def _grade(config: RunConfig, location: store.Location, model_dir: str, judge: OpenEndpoint) -> tuple[list[dict], dict]:
     """The streaming job: the model's answers turn by turn, then their grades → OUT/graded/. Returns the stage
     times and the API usage of this invocation."""
-    from pipeline.jobs import read_parquet, write_checkpointed
+    from pipeline.jobs import job_cpus, read_parquet, write_checkpointed
     from pipeline.ray_runtime import init_ray, run_limits
     from pipeline.stages.grade import graded
     from pipeline.stages.multiturn import MultiTurnGenerator

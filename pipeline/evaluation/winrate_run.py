@@ -28,8 +28,8 @@ import pyarrow as pa
 
 from pipeline import store
 from pipeline.config import PoolConfig, PriceConfig, RunConfig
-from pipeline.evaluation.eval_dir import (RESULTS_FILE, EvalError, absolute, claim, eval_location, finished_summary,
-                                          closing_lines, job_cpus, model_name, write_outputs)
+from pipeline.evaluation.eval_dir import (RESULTS_FILE, EvalError, absolute, claim, closing_lines, eval_location,
+                                          finished_summary, model_name, write_outputs)
 from pipeline.evaluation.winrate import by_category, length_controlled_win_rate, preference, win_rate
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
 from pipeline.llm.limits import cost_usd
@@ -116,7 +116,7 @@ def _judge(config: RunConfig, location: store.Location, model_dir: str, teacher:
            judge: OpenEndpoint) -> tuple[list[dict], dict]:
     """The streaming job: model answers, references, judged pairs → OUT/judged/. Returns the stage times and the
     API usage of this invocation."""
-    from pipeline.jobs import read_parquet, write_checkpointed
+    from pipeline.jobs import job_cpus, read_parquet, write_checkpointed
     from pipeline.ray_runtime import init_ray, run_limits
     from pipeline.stages.judge import judged
     from pipeline.stages.student import generate
