@@ -23,13 +23,14 @@ from pipeline.models import ModelError, bundled_encoder_dir, prepare_bundled_stu
 from training import CheckpointMismatch, TrainingDataError
 from pipeline.pool import PoolImportError, ensure_pool, import_pool, read_pool
 from pipeline.report import ReportError
+from pipeline.submission import SubmitError
 
 log = logging.getLogger("tapir")
 
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
 _USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError,
                 RequestFailed, BudgetExceeded, TrainingDataError, CheckpointMismatch, ReportError, EvalError,
-                FileNotFoundError)
+                SubmitError, FileNotFoundError)
 
 
 def _positive_int(text: str) -> int:
@@ -253,6 +254,48 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline import submission
+
+    config = load_config(args.config)
+    request = submission.job_request(config, Path(args.config), args.working_dir and Path(args.working_dir))
+    if "://" not in config.storage.run_dir:
+        log.warning("storage.run_dir is the local path %s: on a cluster of several machines, every node must "
+                    "see it (a shared mount), or use s3://", config.storage.run_dir)
+    client = submission.job_client(args.address)
+    job_id = submission.submit(client, request)
+    print(f"submitted job {job_id}: {request.entrypoint}\n"
+          f"keys are read on the cluster from: {request.metadata['tapir_secret_env'] or '(none needed)'}\n"
+          f"follow it with `tapir status {job_id}` and `tapir logs {job_id} --follow`")
+    if args.no_wait:
+        return 0
+    try:
+        status = submission.follow(client, job_id, sys.stdout)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} goes on (`ray job stop {job_id}` stops it)")
+        return 130
+    print(submission.describe(job_id, submission.asking(client, job_id, "get_job_info")))
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline import submission
+
+    client = submission.job_client(args.address)
+    print(submission.describe(args.job_id, submission.asking(client, args.job_id, "get_job_info")))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pipeline import submission
+
+    client = submission.job_client(args.address)
+    if not args.follow:
+        sys.stdout.write(submission.asking(client, args.job_id, "get_job_logs"))
+        return 0
+    return 0 if submission.follow(client, args.job_id, sys.stdout) == "SUCCEEDED" else 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline import report
 
@@ -377,6 +420,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "RUN_DIR/report/ and print the paths")
     report_cmd.add_argument("run_dir", help="the run directory (storage.run_dir of the run's config)")
     report_cmd.set_defaults(run=cmd_report)
+
+    address_help = "the cluster's job server, http://HEAD:8265 (default: $RAY_ADDRESS); token from $RAY_AUTH_TOKEN"
+    submit_cmd = commands.add_parser("submit", help="run `tapir run CONFIG` as a Ray job on a cluster (Ray's job "
+                                                    "SDK) and follow its logs; keys stay on the cluster")
+    submit_cmd.add_argument("config", help="run config, inside the working dir")
+    submit_cmd.add_argument("--address", help=address_help)
+    submit_cmd.add_argument("--working-dir", help="uploaded as the job's working dir, where the run starts "
+                                                  "(default: the config's directory)")
+    submit_cmd.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    submit_cmd.set_defaults(run=cmd_submit)
+    status_cmd = commands.add_parser("status", help="a submitted job's state, times, run directory and error")
+    status_cmd.add_argument("job_id")
+    status_cmd.add_argument("--address", help=address_help)
+    status_cmd.set_defaults(run=cmd_status)
+    logs_cmd = commands.add_parser("logs", help="a submitted job's logs")
+    logs_cmd.add_argument("job_id")
+    logs_cmd.add_argument("--address", help=address_help)
+    logs_cmd.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    logs_cmd.set_defaults(run=cmd_logs)
 
     check = commands.add_parser("check", help="models, pool, local teacher and one chat completion, end to end")
     check.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")

@@ -18,8 +18,14 @@ def init_ray(config: RayConfig, min_cpus: int = 1) -> None:
 
     if ray.is_initialized():
         return
-    if config.address:
-        ray.init(address=config.address, namespace=config.namespace)
+    # A driver that joins a running cluster (a submitted job, ray.address: auto) and imports torch afterwards
+    # dies in libtorch_cpu's MKL start-up ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"); imported
+    # first, it loads. Workers are unaffected. Seen with ray 2.60 and torch 2.13.0+cpu.
+    import torch  # noqa: F401
+    # RAY_ADDRESS: Ray's own way to name a cluster, and how a job submitted to one (`tapir submit`) finds it
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=config.namespace)
     else:
         num_cpus = max(config.num_cpus or os.cpu_count() or 1, min_cpus)
         if config.num_cpus and num_cpus > config.num_cpus:
