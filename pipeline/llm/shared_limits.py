@@ -121,10 +121,14 @@ def shared_limits(run_name: str, endpoints: list[EndpointConfig], max_cost_usd: 
                   namespace: str = "tapir") -> RayLimits:
     """The run's limits actor (created on first use, found by name afterwards) with its endpoints registered."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    # On the driver's node: losing another node must not take the run's spend and rate windows with it (a
+    # restarted actor would start from zero), and the driver's own node going takes the run down anyway.
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor_class = ray.remote(num_cpus=0, max_restarts=-1)(LimitsActor)
-    actor = actor_class.options(name=f"tapir-limits-{run_name}", namespace=namespace, get_if_exists=True).remote(
-        max_cost_usd)
+    actor = actor_class.options(name=f"tapir-limits-{run_name}", namespace=namespace, get_if_exists=True,
+                                scheduling_strategy=driver_node).remote(max_cost_usd)
     ray.get([actor.add_endpoint.remote(endpoint_key(e), e.requests_per_minute, e.tokens_per_minute, e.price)
              for e in endpoints])
     return RayLimits(actor)
