@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +17,7 @@ from pipeline import store
 from pipeline.config import EndpointConfig, RunConfig
 from pipeline.llm.endpoint import OpenEndpoint, open_endpoint
 from pipeline.llm.judge import request_text
-from pipeline.models import resolve_model
+from pipeline.models import Model, local_model, resolve_model, run_model
 from pipeline.pool import ensure_pool, read_pool
 from pipeline.task_labels import LabelSummary, label_sample, labels_location, read_labels
 
@@ -41,10 +42,21 @@ def checkpoint_location(config: RunConfig, round_index: int, stage: str) -> stor
     return round_location(config, round_index).child("checkpoint", stage)
 
 
+def classifier_location(config: RunConfig) -> store.Location:
+    """The trained task classifier (HF model directory, with metrics.json and confusion.png)."""
+    return run_dir(config).child("classifier", "model")
+
+
+def classifier_model(config: RunConfig) -> Model:
+    """The trained task classifier as the classify stage's actors load it."""
+    return run_model(classifier_location(config), config.storage.cache_dir)
+
+
 def classifier_dir(config: RunConfig) -> Path:
-    location = run_dir(config).child("classifier", "model")
+    """The classifier's directory when the run directory is local (tools that open its files directly)."""
+    location = classifier_location(config)
     if not location.is_local:
-        raise ValueError(f"{location.uri}: the classifier model directory must be on a local or shared file system")
+        raise ValueError(f"{location.uri}: not on a local file system; use classifier_location")
     return Path(location.path)
 
 
@@ -55,15 +67,16 @@ def label(config: RunConfig, progress: bool = True) -> LabelSummary:
         return asyncio.run(label_sample(config, endpoint, pool, progress))
 
 
-def ensure_classifier(config: RunConfig, endpoint: OpenEndpoint, progress: bool = True) -> Path:
-    """The trained classifier's directory; without one, the teacher labels a sample and it is trained now."""
-    model_dir = classifier_dir(config)
-    if not (model_dir / "config.json").exists():
-        log.info("no trained task classifier in %s: labelling a sample with the teacher and training it", model_dir)
+def ensure_classifier(config: RunConfig, endpoint: OpenEndpoint, progress: bool = True) -> Model:
+    """The trained classifier; without one, the teacher labels a sample and it is trained now."""
+    location = classifier_location(config)
+    if not location.child("config.json").exists():
+        log.info("no trained task classifier in %s: labelling a sample with the teacher and training it",
+                 location.uri)
         pool_dir, _ = ensure_pool(config)
         asyncio.run(label_sample(config, endpoint, read_pool(pool_dir), progress))
         train(config)
-    return model_dir
+    return classifier_model(config)
 
 
 def train(config: RunConfig) -> dict:
@@ -77,9 +90,14 @@ def train(config: RunConfig) -> dict:
                                 "run `tapir classifier label` first")
     texts = [request_text(i, x or "") for i, x in zip(usable.column("instruction").to_pylist(),
                                                        usable.column("input").to_pylist())]
-    backbone = resolve_model(config.classifier.backbone, config.storage.cache_dir)
-    return train_classifier(texts, usable.column("task").to_pylist(), list(config.curriculum.task_targets),
-                            backbone, config.classifier, classifier_dir(config), seed=config.curriculum.seed)
+    backbone = local_model(resolve_model(config.classifier.backbone, config.storage.cache_dir,
+                                         config.storage.s3_endpoint_url))
+    # trained into a local folder, then published to the run directory (local or object storage) whole
+    with tempfile.TemporaryDirectory(prefix="tapir-classifier-") as local:
+        metrics = train_classifier(texts, usable.column("task").to_pylist(), list(config.curriculum.task_targets),
+                                   backbone, config.classifier, Path(local), seed=config.curriculum.seed)
+        store.publish_dir(local, classifier_location(config))
+    return metrics
 
 
 def apply(config: RunConfig, round_index: int = 0) -> dict:
@@ -88,9 +106,9 @@ def apply(config: RunConfig, round_index: int = 0) -> dict:
 
     from pipeline.ray_runtime import init_ray
 
-    model_dir = classifier_dir(config)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no trained classifier; run `tapir classifier train` first")
+    location = classifier_location(config)
+    if not location.child("config.json").exists():
+        raise FileNotFoundError(f"{location.uri}: no trained classifier; run `tapir classifier train` first")
     pool_dir, _ = ensure_pool(config)
     out = round_location(config, round_index).child("classify")
     started = time.perf_counter()
@@ -101,7 +119,8 @@ def apply(config: RunConfig, round_index: int = 0) -> dict:
             export_key(config.teacher, endpoint)
         init_ray(config.ray)
         pool = ray.data.read_parquet(pool_dir.path, filesystem=pool_dir.fs, file_extensions=["parquet"])
-        classified(pool, config, model_dir, endpoint).write_parquet(out.path, filesystem=out.fs, mode="overwrite")
+        classified(pool, config, classifier_model(config), endpoint).write_parquet(out.path, filesystem=out.fs,
+                                                                                   mode="overwrite")
     written = ray.data.read_parquet(out.path, filesystem=out.fs, file_extensions=["parquet"])
     tasks = Counter(written.select_columns(["task"]).to_pandas()["task"])
     confidences = written.select_columns(["task_confidence"]).to_pandas()["task_confidence"]
@@ -119,11 +138,11 @@ def export_key(endpoint_config: EndpointConfig, endpoint: OpenEndpoint) -> None:
     os.environ[endpoint_config.api_key_env] = endpoint.api_key.reveal()
 
 
-def classified(dataset, config: RunConfig, model_dir: Path, teacher: Optional[OpenEndpoint]):
+def classified(dataset, config: RunConfig, model: Model, teacher: Optional[OpenEndpoint]):
     """The classify stage (and the teacher's relabelling of unsure rows, when configured) on a dataset."""
     from pipeline.stages.classify import classify
 
-    dataset = classify(dataset, str(model_dir), config.classifier)
+    dataset = classify(dataset, model, config.classifier)
     return _relabel(dataset, config, teacher) if config.classifier.teacher_relabels_low_confidence else dataset
 
 

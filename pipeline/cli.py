@@ -165,7 +165,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
     print(f"classifier trained on {metrics['train_rows']} rows in {metrics['train_s']} s; held-out agreement with "
           f"the teacher on {metrics['held_out_rows']} rows: accuracy {metrics['accuracy']:.3f}, "
           f"macro-F1 {metrics['macro_f1']:.3f}")
-    print(f"saved to {classification.classifier_dir(_config(args.config))} (metrics.json, confusion.png)")
+    print(f"saved to {classification.classifier_location(_config(args.config)).uri} (metrics.json, confusion.png)")
     return 0
 
 
@@ -205,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     state = rounds.run(config, progress=sys.stderr.isatty())
     location = rounds.run_dir(config).child(rounds.STATE_FILE).uri
     try:
-        print(f"report: {report.write_report(config.storage.run_dir)[0]}")
+        print(f"report: {report.write_report(config.storage.run_dir, config.storage.s3_endpoint_url)[0]}")
     except Exception as err:    # the run's own outcome still gets said below; the report can be written again
         log.error("the run report could not be written (%s: %s); `tapir report %s` tries again",
                   type(err).__name__, err, config.storage.run_dir)
@@ -243,7 +243,7 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
     config = _config(args.config)
     table = compare.compare(config, eval_file=args.eval, num_rows=args.rows)
     print(compare.format_compare(table))
-    print(f"report: {report.write_report(config.storage.run_dir)[0]}")
+    print(f"report: {report.write_report(config.storage.run_dir, config.storage.s3_endpoint_url)[0]}")
     return 0 if all(row["rows_judged"] for row in table.to_pylist()) else 1
 
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import store
-from pipeline.classification import checkpoint_location, classified, classifier_dir, round_location
+from pipeline.classification import checkpoint_location, classified, classifier_model, round_location
 from pipeline.config import RunConfig
 from pipeline.curriculum import expansion_seeds, hard_share
 from pipeline.dedup import near_duplicates, rejection
@@ -90,7 +90,7 @@ def _generate(config: RunConfig, round_index: int, endpoints: RunEndpoints) -> l
     def build():
         dataset = expanded(read_parquet(out.child("seeds")), config.teacher, teacher.base_url, teacher.model,
                            limits, config.expansion, config.scoring)
-        return classified(dataset, config, classifier_dir(config), teacher)
+        return classified(dataset, config, classifier_model(config), teacher)
 
     return write_checkpointed(build, out.child("generated"), checkpoint_location(config, round_index, STAGE), limits)
 

@@ -73,12 +73,13 @@ class Figure:
     caption: str
 
 
-def write_report(run_dir: str) -> list[str]:
-    """Writes report.html, report.md and plots/*.png under RUN_DIR/report/; returns their URIs, the page first."""
+def write_report(run_dir: str, s3_endpoint_url: Optional[str] = None) -> list[str]:
+    """Writes report.html, report.md and plots/*.png under RUN_DIR/report/; returns their URIs, the page first.
+    `s3_endpoint_url`: an S3-compatible endpoint for an s3:// RUN_DIR (else AWS_ENDPOINT_URL, as store.locate)."""
     # imported here, not at the top: rounds imports every stage, and the CLI imports this module when it starts
     from pipeline.rounds import STATE_FILE
 
-    run = store.locate(run_dir)
+    run = store.locate(run_dir, s3_endpoint_url)
     state = store.read_json(run, STATE_FILE)
     if state is None:
         raise FileNotFoundError(f"{run.child(STATE_FILE).uri}: not found; is {run.uri} a run directory? "

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,7 +66,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     previous_handler = None
     try:
         with contextlib.ExitStack() as stack:
-            log_dir = Path(location.path) / "logs" if location.is_local else None
+            log_dir = _log_dir(location, stack)
             endpoints = RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack, log_dir)
             # opened before Ray starts: a local teacher's key reaches the workers only through the environment
             # they inherit from this process
@@ -137,6 +138,21 @@ def _round(config: RunConfig, r: int, endpoints: RunEndpoints, state: dict, save
         print(text, flush=True)
         done["summary"] = True
         save()
+
+
+def _log_dir(location: store.Location, stack: contextlib.ExitStack) -> Path:
+    """Where a local teacher writes its log: RUN_DIR/logs on a local file system; on object storage a local
+    folder, copied to RUN_DIR/logs once the teacher has stopped (when `stack` closes)."""
+    if location.is_local:
+        return Path(location.path) / "logs"
+    local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tapir-logs-")))
+
+    def keep() -> None:
+        if any(local.iterdir()):
+            store.copy_dir(str(local), location.child("logs"))
+
+    stack.callback(keep)
+    return local
 
 
 def _brief(summary: dict) -> dict:

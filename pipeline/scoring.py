@@ -11,7 +11,6 @@ import hashlib
 import json
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
@@ -24,7 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.jobs import finish, read_parquet, write_checkpointed
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
 from pipeline.llm.limits import cost_usd
-from pipeline.models import resolve_model
+from pipeline.models import Model, resolve_model, run_model
 from pipeline.pool import check_shards, ensure_pool
 
 
@@ -43,15 +42,16 @@ def config_hash(config: RunConfig) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def student_model(config: RunConfig, round_index: int) -> str:
-    """Round 0 scores the configured student; round r the student trained in round r-1."""
+def student_model(config: RunConfig, round_index: int) -> Model:
+    """Round 0 scores the configured student; round r the student trained in round r-1 (on object storage
+    too: whoever loads it copies it to their node's cache, models.local_model)."""
     if round_index == 0:
-        return resolve_model(config.student.model, config.storage.cache_dir)
+        return resolve_model(config.student.model, config.storage.cache_dir, config.storage.s3_endpoint_url)
     trained = model_location(config, round_index - 1)
-    if not (trained.is_local and trained.child("config.json").exists()):
+    if not trained.child("config.json").exists():
         raise FileNotFoundError(f"{trained.uri}: no student trained in round {round_index - 1}; "
                                 f"train it before scoring round {round_index}")
-    return trained.path
+    return run_model(trained, config.storage.cache_dir)
 
 
 def score(config: RunConfig, round_index: int = 0, progress: bool = True,
@@ -68,14 +68,14 @@ def score(config: RunConfig, round_index: int = 0, progress: bool = True,
     if finished and finished.get("complete"):
         return {**finished, "skipped": True}
     source, rows_in = _source(config, round_index)
-    student_dir = student_model(config, round_index)
+    student = student_model(config, round_index)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         endpoints = endpoints or RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack)
         teacher, judge = endpoints.teacher(), endpoints.judge()
-        classifier_dir = ensure_classifier(config, teacher, progress) if round_index == 0 else None
+        classifier = ensure_classifier(config, teacher, progress) if round_index == 0 else None
         job_started = time.perf_counter()
-        stages, spent = _run(config, round_index, source, classifier_dir, student_dir, teacher, judge)
+        stages, spent = _run(config, round_index, source, classifier, student, teacher, judge)
         job_s = time.perf_counter() - job_started
     summary = summarise(config, round_index, rows_in, read_scored(out), stages, spent,
                         {"setup_s": round(job_started - started, 2), "job_s": round(job_s, 2),
@@ -98,8 +98,8 @@ def _source(config: RunConfig, round_index: int) -> tuple[store.Location, int]:
     return first, manifest["rows_out"]
 
 
-def _run(config: RunConfig, round_index: int, source: store.Location, classifier_dir: Optional[Path],
-         student_dir: str, teacher: OpenEndpoint, judge: OpenEndpoint) -> tuple[list[dict], dict]:
+def _run(config: RunConfig, round_index: int, source: store.Location, classifier: Optional[Model],
+         student: Model, teacher: OpenEndpoint, judge: OpenEndpoint) -> tuple[list[dict], dict]:
     """The streaming job; returns the time of each stage and the API usage of this invocation."""
     from pipeline.ray_runtime import init_ray, run_limits
     from pipeline.stages.judge import judged
@@ -111,9 +111,9 @@ def _run(config: RunConfig, round_index: int, source: store.Location, classifier
 
     def build():
         dataset = read_parquet(source)
-        if classifier_dir is not None:
-            dataset = classified(dataset, config, classifier_dir, teacher)
-        dataset = generate(dataset, student_dir, config.student)
+        if classifier is not None:
+            dataset = classified(dataset, config, classifier, teacher)
+        dataset = generate(dataset, student, config.student)
         dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring,
                            config.curriculum.keep_reference_outputs)
         return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring)

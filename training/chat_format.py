@@ -14,6 +14,7 @@ from typing import Optional
 import pyarrow as pa
 
 from pipeline.llm.judge import request_text
+from pipeline.models import Model, local_model
 from pipeline.stages.columns import check_columns
 from training import TrainingDataError
 
@@ -70,11 +71,11 @@ def held_out(row_id: str, fraction: float) -> bool:
 class ChatTokenizer:
     """Ray Data callable class: one tokenized row (ids, labels, status) per training row, none dropped."""
 
-    def __init__(self, model_dir: str, max_len: int, truncation: str, system_prompt: Optional[str],
+    def __init__(self, model_dir: Model, max_len: int, truncation: str, system_prompt: Optional[str],
                  eval_fraction: float):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(local_model(model_dir))
         self.max_len, self.truncation, self.system_prompt = max_len, truncation, system_prompt
         self.eval_fraction = eval_fraction
 

@@ -23,6 +23,7 @@ from pipeline import store
 from pipeline.classification import checkpoint_location, model_location
 from pipeline.config import RunConfig, TrainingConfig
 from pipeline.jobs import read_parquet
+from pipeline.models import Model, local_model, model_key, run_model
 from pipeline.scoring import config_hash, student_model
 from training import CheckpointMismatch
 from training.sft_data import packed_location, prepare, sft_location, training_set_location
@@ -52,9 +53,9 @@ def deepspeed_config(training: TrainingConfig, steps: StepPlan) -> dict:
             "gradient_clipping": training.max_grad_norm, "bf16": {"enabled": uses_bf16(training)}}
 
 
-def resume_key(training: TrainingConfig, data_key: str, model_dir: str) -> str:
+def resume_key(training: TrainingConfig, data_key: str, model: Model) -> str:
     settings = training.model_dump(mode="json", exclude=set(_RESUME_NEUTRAL))
-    text = json.dumps({"training": settings, "data": data_key, "model": model_dir}, sort_keys=True)
+    text = json.dumps({"training": settings, "data": data_key, "model": model_key(model)}, sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
@@ -70,17 +71,18 @@ def train(config: RunConfig, round_index: int = 0) -> dict:
         return {**finished, "skipped": True}
     started = time.perf_counter()
     training = config.training
-    model_dir = student_model(config, round_index)
+    model = student_model(config, round_index)
+    model_dir = local_model(model)        # on this node, for the tokenizer and the config
     # the trainer's workers, Ray Train's controller, and Ray Data's read tasks beside them
     init_ray(config.ray, min_cpus=training.num_workers + 3)
-    data = prepare(config, round_index, model_dir)
+    data = prepare(config, round_index, model)
     steps = plan_steps(training, data["train_sequences"]["sequences"])
     checkpoints = checkpoint_location(config, round_index, STAGE)
-    key = resume_key(training, data["key"], model_dir)
+    key = resume_key(training, data["key"], model)
     _claim_checkpoints(checkpoints, key)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     plan = WorkerPlan(
-        model_dir=model_dir, training=training, steps=steps, deepspeed_config=deepspeed_config(training, steps),
+        model_dir=model, training=training, steps=steps, deepspeed_config=deepspeed_config(training, steps),
         bf16=uses_bf16(training), pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
         else tokenizer.eos_token_id, save_dtype=str(AutoConfig.from_pretrained(model_dir).dtype).removeprefix("torch."),
         model_out=model_location(config, round_index), logs_out=out, config_hash=key,
@@ -146,7 +148,8 @@ def smoke_generate(config: RunConfig, round_index: int) -> list[dict]:
     student = config.student.model_copy(update={"sampling": config.student.sampling.model_copy(
         update={"max_tokens": SMOKE_MAX_TOKENS, "temperature": 0.0})})
     generator = ray.remote(StudentGenerator).options(
-        num_cpus=1, num_gpus=student.num_gpus_per_actor).remote(student, model.path)
+        num_cpus=1, num_gpus=student.num_gpus_per_actor).remote(
+            student, run_model(model, config.storage.cache_dir))
     # the handle going out of scope ends the actor gracefully, so vLLM shuts its engine down itself
     answered = ray.get(generator.__call__.remote(prompts))
     del generator

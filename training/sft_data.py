@@ -20,6 +20,7 @@ import pyarrow.dataset as pads
 from pipeline import store
 from pipeline.classification import round_location
 from pipeline.config import RunConfig
+from pipeline.models import Model, model_key
 from pipeline.pool import check_parquet_files, import_pool, source_files
 from training import TrainingDataError
 from training.chat_format import REQUIRED_COLUMNS, ChatTokenizer
@@ -63,23 +64,23 @@ def check_training_set(location: store.Location) -> tuple[list[str], int]:
     return files, check_parquet_files(files, location, REQUIRED_COLUMNS, "training set", TrainingDataError)
 
 
-def data_key(config: RunConfig, model_dir: str, files: list[str], location: store.Location) -> str:
+def data_key(config: RunConfig, model: Model, files: list[str], location: store.Location) -> str:
     """What the prepared sequences depend on; a change means they are prepared again."""
     training = config.training
-    inputs = {"files": [(p, location.fs.get_file_info(p).size) for p in files], "model": model_dir,
+    inputs = {"files": [(p, location.fs.get_file_info(p).size) for p in files], "model": model_key(model),
               "settings": [training.max_len, training.truncation, training.packing, training.system_prompt,
                            training.eval_fraction, training.eval_max_rows]}
     return hashlib.blake2b(json.dumps(inputs, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
-def prepare(config: RunConfig, round_index: int, model_dir: str) -> dict:
+def prepare(config: RunConfig, round_index: int, model: Model) -> dict:
     """Tokenizes and packs the round's training set; returns (and writes) the data summary."""
     import ray.data
 
     train_set = training_set_location(config, round_index)
     files, rows = check_training_set(train_set)
     out = sft_location(config, round_index).child("data")
-    key = data_key(config, model_dir, files, train_set)
+    key = data_key(config, model, files, train_set)
     done = store.read_json(out, store.MANIFEST)
     if done and done.get("key") == key:
         return done
@@ -89,7 +90,7 @@ def prepare(config: RunConfig, round_index: int, model_dir: str) -> dict:
     tokenized = out.child("tokenized")
     (ray.data.read_parquet(train_set.path, filesystem=train_set.fs, file_extensions=["parquet"])
      .map_batches(ChatTokenizer, fn_constructor_kwargs={
-         "model_dir": model_dir, "max_len": training.max_len, "truncation": training.truncation,
+         "model_dir": model, "max_len": training.max_len, "truncation": training.truncation,
          "system_prompt": training.system_prompt, "eval_fraction": eval_fraction},
          batch_size=TOKENIZE_BATCH_ROWS, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1))
      .write_parquet(tokenized.path, filesystem=tokenized.fs))

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import pyarrow.fs as pafs
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline import store
 from pipeline.config import TrainingConfig
+from pipeline.models import Model, local_model
 from training.extension_lock import load_deepspeed_ops
 from training.packing import collate
 from training.steps import StepPlan
@@ -39,7 +41,7 @@ METRICS_FILE = "metrics.jsonl"
 class WorkerPlan:
     """Everything a worker needs, decided on the driver (picklable)."""
 
-    model_dir: str
+    model_dir: Model                # the student trained from: a local directory, or on object storage
     training: TrainingConfig
     steps: StepPlan
     deepspeed_config: dict
@@ -67,7 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     torch.manual_seed(training.seed)
 
-    model = AutoModelForCausalLM.from_pretrained(plan.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(local_model(plan.model_dir), dtype=torch.float32)
     # Without a KV cache only: with one, transformers does not derive the packed rows' block-diagonal mask
     # from position_ids, and attention crosses between rows (tests/test_sft_data.py shows both).
     model.config.use_cache = False
@@ -245,13 +247,14 @@ def _export(engine, plan: WorkerPlan, rank: int) -> None:
             config = json.loads(Path(directory, "config.json").read_text())
             config["dtype"] = plan.save_dtype
             Path(directory, "config.json").write_text(json.dumps(config, indent=2))
-            AutoTokenizer.from_pretrained(plan.model_dir).save_pretrained(directory)
+            AutoTokenizer.from_pretrained(local_model(plan.model_dir)).save_pretrained(directory)
             store.publish_dir(directory, plan.model_out)
 
 
 class _MetricsLog:
     """Rank 0's per-step and evaluation metrics: the console, metrics.jsonl and TensorBoard. Written to the
-    run directory itself when it is local, else to a local folder copied there at checkpoints and at the end."""
+    run directory itself when it is local, else to a local folder copied there at checkpoints and at the end
+    (which starts from what an interrupted run copied there, so a resumed run's log keeps the steps before)."""
 
     def __init__(self, out: store.Location):
         from tensorboardX import SummaryWriter
@@ -259,6 +262,11 @@ class _MetricsLog:
         self.out = out
         self.local = out.path if out.is_local else tempfile.mkdtemp(prefix="tapir-logs-")
         Path(self.local).mkdir(parents=True, exist_ok=True)
+        if not out.is_local:
+            for name in (METRICS_FILE, "tensorboard"):
+                if out.child(name).exists():
+                    pafs.copy_files(out.child(name).path, str(Path(self.local, name)), source_filesystem=out.fs,
+                                    destination_filesystem=pafs.LocalFileSystem())
         self.lines = open(Path(self.local, METRICS_FILE), "a", encoding="utf-8")
         self.board = SummaryWriter(logdir=str(Path(self.local, "tensorboard")))
 

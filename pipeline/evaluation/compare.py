@@ -112,8 +112,8 @@ def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Option
         raise EvalError("no held-out file: pass --eval FILE or set eval.held_out_path in the config")
     rounds = trained_rounds(config)
     models = [(BASE_STUDENT, config.student.model, None, 0),
-              (BASELINE, model_location(baseline_config(config), 0).path, None, sum(rounds.values()))]
-    models += [(f"round_{r}", model_location(config, r).path, r, sum(rows for q, rows in rounds.items() if q <= r))
+              (BASELINE, model_location(baseline_config(config), 0).uri, None, sum(rounds.values()))]
+    models += [(f"round_{r}", model_location(config, r).uri, r, sum(rows for q, rows in rounds.items() if q <= r))
                for r in rounds]
     summaries = {}
     with contextlib.ExitStack() as stack:

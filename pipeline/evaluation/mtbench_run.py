@@ -34,7 +34,7 @@ from pipeline.evaluation.eval_dir import (RESULTS_FILE, EvalError, absolute, cla
                                           finished_summary, model_name, write_outputs)
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
 from pipeline.llm.limits import cost_usd
-from pipeline.models import resolve_model
+from pipeline.models import Model, model_key, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def mtbench(config: RunConfig, model: str, questions_file: Optional[str] = None,
     default_name, round_index = model_name(model)
     name = name or default_name
     location = eval_location(config, name + DIR_SUFFIX, out)
-    model_dir = resolve_model(model, config.storage.cache_dir)
-    inputs = {"model": name, "round": round_index, "model_path": model_dir,
+    model_dir = resolve_model(model, config.storage.cache_dir, config.storage.s3_endpoint_url)
+    inputs = {"model": name, "round": round_index, "model_path": model_key(model_dir),
               "questions_file": absolute(questions_file),
               "references_file": absolute(references_file) if references_file else None,
               "config_hash": config_hash(config)}
@@ -98,7 +98,8 @@ def mtbench(config: RunConfig, model: str, questions_file: Optional[str] = None,
     return summary
 
 
-def _grade(config: RunConfig, location: store.Location, model_dir: str, judge: OpenEndpoint) -> tuple[list[dict], dict]:
+def _grade(config: RunConfig, location: store.Location, model_dir: Model,
+           judge: OpenEndpoint) -> tuple[list[dict], dict]:
     """The streaming job: the model's answers turn by turn, then their grades → OUT/graded/. Returns the stage
     times and the API usage of this invocation."""
     from pipeline.jobs import job_cpus, read_parquet, write_checkpointed

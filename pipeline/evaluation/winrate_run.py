@@ -33,7 +33,7 @@ from pipeline.evaluation.eval_dir import (RESULTS_FILE, EvalError, absolute, cla
 from pipeline.evaluation.winrate import by_category, length_controlled_win_rate, preference, win_rate
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
 from pipeline.llm.limits import cost_usd
-from pipeline.models import resolve_model
+from pipeline.models import Model, model_key, resolve_model
 from pipeline.pool import import_pool, read_pool
 from pipeline.schema import POOL_COLUMNS
 
@@ -77,8 +77,8 @@ def winrate(config: RunConfig, model: str, eval_file: Optional[str] = None, out:
     if name is None:
         name, round_index = model_name(model)
     location = eval_location(config, name, out)
-    model_dir = resolve_model(model, config.storage.cache_dir)
-    inputs = {"model": name, "round": round_index, "model_path": model_dir, "eval_file": absolute(eval_file),
+    model_dir = resolve_model(model, config.storage.cache_dir, config.storage.s3_endpoint_url)
+    inputs = {"model": name, "round": round_index, "model_path": model_key(model_dir), "eval_file": absolute(eval_file),
               "num_rows": num_rows, "config_hash": config_hash(config)}
     finished = finished_summary(location, inputs)
     if finished:
@@ -112,7 +112,7 @@ def _input_rows(config: RunConfig, location: store.Location, eval_file: str, num
     return read_pool(source), int(manifest.get("failed", 0))
 
 
-def _judge(config: RunConfig, location: store.Location, model_dir: str, teacher: OpenEndpoint,
+def _judge(config: RunConfig, location: store.Location, model_dir: Model, teacher: OpenEndpoint,
            judge: OpenEndpoint) -> tuple[list[dict], dict]:
     """The streaming job: model answers, references, judged pairs → OUT/judged/. Returns the stage times and the
     API usage of this invocation."""

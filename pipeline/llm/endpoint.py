@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 from pipeline.config import EndpointConfig
 from pipeline.llm.local_server import LocalTeacherServer
 from pipeline.llm.secret import Secret, secret_from_env
-from pipeline.models import resolve_model
+from pipeline.models import local_model, resolve_model
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def open_endpoint(endpoint: EndpointConfig, cache_dir: str, log_path: Optional[P
     if endpoint.kind == "remote":
         yield OpenEndpoint(endpoint.base_url, endpoint.model, secret_from_env(endpoint.api_key_env, role))
         return
-    model_dir = resolve_model(endpoint.local.model, cache_dir)
+    model_dir = local_model(resolve_model(endpoint.local.model, cache_dir))      # `vllm serve` runs here
     given = os.environ.get(endpoint.api_key_env)
     with LocalTeacherServer(endpoint.local, model_dir, endpoint.served_model,
                             api_key=Secret(given) if given else None, log_path=log_path) as server:

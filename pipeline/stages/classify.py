@@ -7,6 +7,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import ClassifierConfig
 from pipeline.llm.judge import request_text
+from pipeline.models import Model, local_model
 from pipeline.stages.columns import check_columns, with_columns
 
 REQUIRED_COLUMNS = ("id", "instruction", "input")
@@ -18,7 +19,8 @@ class TaskClassifier:
     Adds `task` (the most likely category) and `task_confidence` (its probability); one row out per row in.
     """
 
-    def __init__(self, model_dir: str, max_len: int, device: str = "cpu"):
+    def __init__(self, model_dir: Model, max_len: int, device: str = "cpu"):
+        model_dir = local_model(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
@@ -39,7 +41,7 @@ class TaskClassifier:
                                     "task_confidence": pa.array(confidence.cpu().numpy(), pa.float32())})
 
 
-def classify(dataset, model_dir: str, config: ClassifierConfig):
+def classify(dataset, model_dir: Model, config: ClassifierConfig):
     """The stage applied to a Ray dataset with the config's actor pool, batch size and devices."""
     import ray.data
 

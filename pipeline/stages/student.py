@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from pipeline.config import StudentConfig
 from pipeline.llm.judge import request_text
+from pipeline.models import Model, local_model
 from pipeline.stages.columns import check_columns, with_columns
 
 REQUIRED_COLUMNS = ("id", "instruction", "input")
@@ -45,13 +46,13 @@ def sampling_params(config: StudentConfig):
 class StudentGenerator:
     """Ray Data callable class: adds the student's answer (and its token count and status) to every row."""
 
-    def __init__(self, config: StudentConfig, model_dir: str):
+    def __init__(self, config: StudentConfig, model_dir: Model):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.kv_cache_space_gib))
         # vLLM's per-engine start-up log would bury the job's progress in the driver's output
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        self.llm = LLM(**engine_kwargs(config, model_dir))
+        self.llm = LLM(**engine_kwargs(config, local_model(model_dir)))
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling = sampling_params(config)
         self.prompt_budget = config.engine.max_model_len - config.sampling.max_tokens
@@ -82,7 +83,7 @@ class StudentGenerator:
                                     zip(OUTPUT_COLUMNS, (pa.string(), pa.int32(), pa.string(), pa.string()))})
 
 
-def generate(dataset, model_dir: str, config: StudentConfig, generator: type = StudentGenerator):
+def generate(dataset, model_dir: Model, config: StudentConfig, generator: type = StudentGenerator):
     """The stage applied to a Ray dataset: `num_actors` engines, each with its GPUs (none on CPU).
     `generator`: the callable class (StudentGenerator, or multiturn.MultiTurnGenerator over the same engine)."""
     import ray.data
