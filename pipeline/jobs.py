@@ -1,6 +1,7 @@
 """Running one checkpointed Ray Data job of a round: from Parquet in to Parquet out, resumable under kill -9.
 
-Resume is Ray Data's row-level checkpointing: before a data file is written its ids go to a pending
+Resume is Ray Data's row-level checkpointing, both for a run started again and for a job run again at once
+after its cluster lost a node: before a data file is written its ids go to a pending
 checkpoint, after it they are committed; a re-run deletes data files whose checkpoint is still pending and
 skips every committed id. Rows in flight when the job died are done again, and their paid calls sent again:
 at most the batches in flight then. Ray is told not to delete the checkpoint on success: the caller deletes
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 
 # Errors raised inside a stage that the user must act on; they reach the driver wrapped by Ray.
 STOPPING_ERRORS = (BudgetExceeded, EndpointError, MissingSecretError)
+# Ray restarts actors and retries tasks of a lost node, but some of Ray Data's own helpers (the Parquet
+# footer readers behind a read) are not restarted, and the job fails. A job whose cluster lost a node while
+# it ran is run again this many times: its checkpoint skips every row already written.
+NODE_LOSS_RETRIES = 2
 # Operators that only move rows between stages; their spans say nothing about where the time goes.
 _PLUMBING = ("StreamingRepartition", "ListFiles")
 
@@ -46,16 +51,31 @@ def write_checkpointed(build: Callable[[], object], out: store.Location, checkpo
         id_column="id", checkpoint_path=checkpoint.path, override_filesystem=checkpoint.fs,
         delete_checkpoint_on_success=False)
     try:
-        dataset = build()
-        dataset.write_parquet(out.path, filesystem=out.fs)
-    except Exception as err:
-        refusal = limits.budget_refusal() if limits is not None else None
-        if refusal and not stopping_cause(err):
-            raise BudgetExceeded(refusal) from err
-        raise stopping_cause(err) or err
+        for attempt in range(NODE_LOSS_RETRIES + 1):
+            nodes_lost_before = lost_nodes()
+            try:
+                dataset = build()
+                dataset.write_parquet(out.path, filesystem=out.fs)
+                break
+            except Exception as err:
+                refusal = limits.budget_refusal() if limits is not None else None
+                if refusal and not stopping_cause(err):
+                    raise BudgetExceeded(refusal) from err
+                if stopping_cause(err) or attempt == NODE_LOSS_RETRIES or lost_nodes() == nodes_lost_before:
+                    raise stopping_cause(err) or err
+                log.warning("a node of the cluster was lost during the job (%s: %s); running it again from its "
+                            "checkpoint (%d of %d)", type(err).__name__, str(err).splitlines()[0][:200],
+                            attempt + 1, NODE_LOSS_RETRIES)
     finally:
         context.checkpoint_config = None
     return stage_times(dataset)
+
+
+def lost_nodes() -> int:
+    """Nodes the cluster has lost so far (dead in Ray's node table)."""
+    import ray
+
+    return sum(not node["Alive"] for node in ray.nodes())
 
 
 def finish(checkpoint: store.Location) -> None:
