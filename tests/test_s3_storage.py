@@ -92,3 +92,19 @@ def test_a_model_in_s3_loads_in_transformers_from_a_copy_in_the_local_cache(s3, 
     assert local_model(model) == str(local)                     # copied once
     with pytest.raises(ModelError, match="no config.json"):
         resolve_model(f"s3://{BUCKET}/models/nothing-here", cache, s3.endpoint_url)
+
+
+def test_a_resumed_training_log_on_s3_keeps_the_steps_logged_before(s3):
+    from training.sft import read_metrics
+    from training.sft_worker import _MetricsLog
+
+    out = store.locate(f"s3://{BUCKET}/resumed/run/round_0/sft", s3.endpoint_url)
+    record = {"lr": 1e-5, "loss": 2.0, "epoch": 0.5, "tokens_per_s": 10.0}
+    first = _MetricsLog(out)                 # the run killed after step 1's checkpoint copied its log up
+    first.step({"step": 1, **record}, total_steps=2)
+    first.sync()
+    resumed = _MetricsLog(out)
+    resumed.step({"step": 2, **record, "loss": 1.5}, total_steps=2)
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(out)["step"]] == [(1, 2.0), (2, 1.5)]
+    assert any(path.startswith(f"{out.path}/tensorboard/") for path in s3.files(out.path))

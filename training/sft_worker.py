@@ -264,7 +264,10 @@ class _MetricsLog:
         Path(self.local).mkdir(parents=True, exist_ok=True)
         if not out.is_local:
             for name in (METRICS_FILE, "tensorboard"):
-                if out.child(name).exists():
+                found = out.fs.get_file_info(out.child(name).path).type
+                if found == pafs.FileType.Directory:
+                    Path(self.local, name).mkdir()        # copy_files fills a local folder, it does not make one
+                if found != pafs.FileType.NotFound:
                     pafs.copy_files(out.child(name).path, str(Path(self.local, name)), source_filesystem=out.fs,
                                     destination_filesystem=pafs.LocalFileSystem())
         self.lines = open(Path(self.local, METRICS_FILE), "a", encoding="utf-8")
