@@ -87,6 +87,33 @@ def s3_details(s3, prefix: str) -> dict:
             "train": json.loads(s3.read(f"{prefix}/round_0/sft/_manifest.json"))}
 
 
+# a request line of moto's server log: 127.0.0.1 - - [22/Nov/2026 01:55:08] "POST /bucket/key?uploadId=… HTTP/1.1" 200 -
+_REQUEST = re.compile(r'"(?:\x1b\[[\d;]*m)*(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+(?:\x1b\[0m)*" (\d{3})')
+
+
+def s3_requests(lines: list[str]) -> dict:
+    """The S3 calls in moto's log lines, by kind: a multipart upload's parts, starts and completions apart."""
+    kinds: dict[str, int] = {}
+    for line in lines:
+        found = _REQUEST.search(line)
+        if not found:
+            continue
+        method, target, status = found.groups()
+        query = target.partition("?")[2]
+        if method == "PUT" and "partNumber=" in query:
+            kind = "PUT (multipart part)"
+        elif method == "POST":
+            kind = "POST (multipart start)" if query.startswith("uploads") else "POST (multipart complete)"
+        elif method == "GET" and target.partition("?")[0].count("/") == 1:
+            kind = "GET (list)"
+        else:
+            kind = method
+        if not status.startswith("2"):
+            kind += f" → {status}"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items(), key=lambda item: -item[1]))
+
+
 def split(details: dict) -> dict:
     score, train = details["score"], details["train"]
     return {"objects": details["objects"], "bytes": details["bytes"],
@@ -143,8 +170,11 @@ def main() -> None:
                     result["split"] = split(local_details(run))
                 else:
                     prefix = f"{BUCKET}/{name}/run"
+                    logged = len(s3.log.read_text(errors="replace").splitlines())
                     result = run_once(name, demo_config(f"s3://{prefix}", settings, s3.endpoint_url), work, s3.env)
                     result["split"] = split(s3_details(s3, prefix))
+                    requests = s3_requests(s3.log.read_text(errors="replace").splitlines()[logged:])
+                    result["s3_requests"] = {"total": sum(requests.values()), **requests}
                 results["runs"].append({"name": name, "kind": kind, **result})
     for kind in ("local", "s3"):
         results[kind] = median_run([r for r in results["runs"] if r["kind"] == kind])

@@ -33,6 +33,7 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "tapir-test-access-key",
 class S3Server:
     endpoint_url: str           # http://127.0.0.1:PORT: storage.s3_endpoint_url
     env: dict                   # os.environ with the credentials, for subprocesses
+    log: Path                   # the server's output: one line per request it answered
 
     def filesystem(self) -> pafs.S3FileSystem:
         return pafs.S3FileSystem(endpoint_override=self.endpoint_url)
@@ -84,7 +85,7 @@ def moto_s3(start_timeout_s: float = 60.0) -> Iterator[S3Server]:
                     raise RuntimeError(f"moto_server did not answer on {endpoint} within {start_timeout_s} s")
                 time.sleep(0.2)
         os.environ.update(CREDENTIALS)
-        yield S3Server(endpoint, {**os.environ, **CREDENTIALS})
+        yield S3Server(endpoint, {**os.environ, **CREDENTIALS}, Path(log.name))
     finally:
         for name, value in saved.items():
             if value is None:
