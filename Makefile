@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.tapir-installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install browser demo test test-fast clean
 
 install: $(INSTALLED)
 
@@ -22,12 +22,19 @@ $(INSTALLED): pyproject.toml Makefile
 	$(BIN)/python -c "import vllm, ray, deepspeed, transformers"
 	touch $@
 
+# The report tests open the run report in headless Chromium: Debian's package, installed when missing
+# (as root, as on CI and the project's machines; elsewhere the message says what to run).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| { echo "the report tests need Chromium: sudo apt-get install chromium" >&2; exit 1; }
+
 demo: install
 	$(BIN)/tapir models prepare
 	$(BIN)/tapir run configs/local.yaml
 
-test: install
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+# --durations=25: the slowest tests on every run, so a slow creep shows in the next log, not at CI's limit
+test: install browser
+	$(BIN)/python -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow" $(PYTEST_ARGS)

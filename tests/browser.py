@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 
 CHROMIUM = "chromium"
-INSTALL_HINT = "apt-get install chromium (Debian's package; .ci/run installs it)"
+INSTALL_HINT = "apt-get install chromium (Debian's package; `make test` installs it)"
 _IMAGES = "Array.from(document.images).map(i => [i.src.slice(0, 30), i.complete && i.naturalWidth > 0])"
 
 

@@ -125,6 +125,7 @@ def test_an_unfinished_round_is_reported_with_the_stages_it_finished(tmp_path):
     assert "== round 1 ==\n  not finished; stages done: score, plan" in markdown
 
 
+@pytest.mark.slow          # needs Chromium, which `make test` installs and `make test-fast` does not
 def test_the_page_opens_in_headless_chromium_and_every_image_loads(tmp_path):
     root = _write_run(tmp_path)
     _write_evaluation(root)
@@ -137,6 +138,7 @@ def test_the_page_opens_in_headless_chromium_and_every_image_loads(tmp_path):
     assert all(loaded for _, loaded in page.images), page.images
 
 
+@pytest.mark.slow
 def test_the_chromium_check_sees_an_image_that_does_not_load(tmp_path):
     (tmp_path / "broken.html").write_text('<!DOCTYPE html><title>t</title><img src="missing.png">')
     page = images_of(tmp_path / "broken.html")
