@@ -32,9 +32,12 @@ DEFAULT_TASK_TARGETS: dict[str, float] = {
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable once loaded."""
+    """Base of every config section: unknown keys are errors, values are immutable once loaded.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Strict types: YAML's `true` is not the number 1 and "5" is not 5 (lax parsing made `max_attempts: true`
+    one attempt); `.inf` and `.nan` are not numbers a setting can hold (`timeout_s: .inf` never times out)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class PoolConfig(Section):
@@ -58,6 +61,11 @@ class StorageConfig(Section):
     s3_endpoint_url: Optional[str] = Field(None, description=(
         "S3-compatible endpoint (MinIO, moto); credentials always come from the environment."))
     cache_dir: str = Field("~/.cache/tapir", description="Where prepared models are cached.")
+
+    @field_validator("run_dir", "s3_endpoint_url")
+    @classmethod
+    def _no_credentials(cls, url: Optional[str]) -> Optional[str]:
+        return _without_credentials(url)
 
 
 class RayConfig(Section):
@@ -112,6 +120,27 @@ class LocalServerConfig(Section):
 
 
 _SECRET_KEYS = ("api_key", "apikey", "key", "token", "secret", "password")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Prefixes of the keys people paste most (OpenAI/Anthropic, Hugging Face, GitHub, AWS, Google, Slack).
+_KEY_PREFIXES = ("sk-", "sk_", "hf_", "ghp_", "gho_", "ghs_", "github_pat_", "AKIA", "ASIA", "AIza", "xox")
+
+
+def looks_like_key(text: str) -> bool:
+    """Whether a string looks like a credential rather than a name: a known key prefix on a long token, or a
+    run of 16+ letters and digits that mixes both (AKIAIOSFODNN7EXAMPLE; a variable name has short words)."""
+    if len(text) >= 20 and text.startswith(_KEY_PREFIXES):
+        return True
+    return any(re.search(r"[A-Za-z]", run) and re.search(r"[0-9]", run)
+               for run in re.findall(r"[A-Za-z0-9]{16,}", text))
+
+
+def _without_credentials(url: Optional[str]) -> Optional[str]:
+    """Refuses user:password@ in a URL: credentials come from the environment, and a config is printed,
+    submitted with a job and kept in the run directory."""
+    if url and "://" in url and "@" in urlsplit(url).netloc:
+        raise ValueError(f"holds credentials ({redact_url(url)}); remove them: keys and passwords come from the "
+                         "environment (api_key_env for an endpoint, the AWS variables for S3)")
+    return url
 
 
 class EndpointConfig(Section):
@@ -142,12 +171,29 @@ class EndpointConfig(Section):
                         "environment variable and name that variable in 'api_key_env'")
         return data
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, name: str) -> str:
+        # the value is never quoted back: a pasted key would end up in the terminal, a log or a CI record
+        if looks_like_key(name):
+            raise ValueError("this looks like an API key, not the name of a variable: put the key in an "
+                             "environment variable (export MY_API_KEY=...) and write its name here")
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError("must be the name of an environment variable (letters, digits and _, not starting "
+                             "with a digit), such as OPENAI_API_KEY")
+        return name
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: Optional[str]) -> Optional[str]:
+        if url and urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError(f"must start with http:// or https://, got {redact_url(url)!r}")
+        return _without_credentials(url)
+
     @model_validator(mode="after")
     def _remote_needs_url(self) -> "EndpointConfig":
         if self.kind == "remote" and (not self.base_url or not self.model):
             raise ValueError("kind 'remote' needs both 'base_url' and 'model'")
-        if self.base_url and urlsplit(self.base_url).scheme not in ("http", "https"):
-            raise ValueError(f"base_url must start with http:// or https://, got {redact_url(self.base_url)!r}")
         return self
 
     @property
@@ -338,6 +384,9 @@ def load_config(path: str | os.PathLike) -> RunConfig:
         raise ConfigError(path, [f"cannot read the file: {err.strerror}"]) from None
     try:
         root = yaml.compose(text)
+        problems = _tree_problems(root)
+        if problems:
+            raise ConfigError(path, problems)
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -354,12 +403,64 @@ def load_config(path: str | os.PathLike) -> RunConfig:
         raise ConfigError(path, [_describe(e, lines) for e in err.errors()]) from None
 
 
+# A config holds a few hundred values. Aliases may repeat a section, but twelve lines of aliases of aliases
+# expand to billions of values, which every later reader (pydantic, `config show`) would walk.
+MAX_YAML_VALUES = 10_000
+
+
+class _AliasBomb(Exception):
+    def __init__(self, node: yaml.Node, message: str):
+        self.line, self.message = node.start_mark.line + 1, message
+
+
+def _tree_problems(root: Optional[yaml.Node]) -> list[str]:
+    """What safe_load would hide: a key written twice (the first is silently dropped), and aliases that expand
+    beyond MAX_YAML_VALUES or refer to the value they sit in."""
+    problems: list[str] = []
+    sizes: dict[int, Optional[int]] = {}          # id(node) → values it expands to; None while being counted
+
+    def expanded(node: yaml.Node, path: tuple) -> int:
+        if id(node) in sizes:
+            if sizes[id(node)] is None:
+                raise _AliasBomb(node, "a YAML alias refers to the value it is part of")
+            return sizes[id(node)]
+        sizes[id(node)] = None
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value)
+                line = key.start_mark.line + 1
+                if name in first_line and name != "<<":
+                    field = ".".join(path + (name,))
+                    problems.append(f"{field} (line {line}): duplicate key; it is also written on line "
+                                    f"{first_line[name]}, and YAML would keep only the last one")
+                first_line.setdefault(name, line)
+                total += expanded(key, path) + expanded(value, path + (name,))
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(expanded(item, path + (str(index),)) for index, item in enumerate(node.value))
+        sizes[id(node)] = total
+        if total > MAX_YAML_VALUES:
+            raise _AliasBomb(node, f"YAML aliases here expand to more than {MAX_YAML_VALUES} values; write the "
+                                   "values out instead of nesting aliases")
+        return total
+
+    if root is not None:
+        try:
+            expanded(root, ())
+        except _AliasBomb as bomb:
+            return [f"line {bomb.line}: {bomb.message}"]
+    return problems
+
+
 def _describe(error: dict, lines: dict[tuple, int]) -> str:
     loc = tuple(str(part) for part in error["loc"])
     field = ".".join(loc) or "(top level)"
     line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
     where = f" (line {line})" if line else ""
     message = error["msg"].removeprefix("Value error, ")
+    if isinstance(error.get("input"), bool) and error["type"] in ("int_type", "float_type"):
+        message = f"expected a number, got the boolean {str(error['input']).lower()}"
     if error["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; `tapir config show` lists every key)"
     return f"{field}{where}: {message}"
@@ -395,13 +496,14 @@ def _names_a_secret(key: str) -> bool:
 
 
 def redacted(value: Any, key: str = "") -> Any:
-    """A copy of a plain config dump that is safe to print: URL credentials and secret-named values hidden."""
+    """A copy of a plain config dump that is safe to print: URL credentials, secret-named values and values
+    that look like keys hidden."""
     if isinstance(value, dict):
         return {k: redacted(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [redacted(v, key) for v in value]
     if isinstance(value, str):
-        if _names_a_secret(key):
+        if _names_a_secret(key) or looks_like_key(value):
             return "***"
         if "://" in value:
             return redact_url(value)

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DEFAULT_TASK_TARGETS, ConfigError, RunConfig, bundled_config_path, load_config, show
+from pipeline.config import (DEFAULT_TASK_TARGETS, MAX_YAML_VALUES, ConfigError, RunConfig, bundled_config_path,
+                             load_config, show)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,20 +80,87 @@ def test_judge_defaults_to_the_teacher(tmp_path):
     assert config.effective_judge is config.teacher
 
 
-def test_show_redacts_url_credentials_and_reports_key_presence_without_value(tmp_path, monkeypatch):
+def test_show_reports_key_presence_without_value(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_TEACHER_KEY", "sk-very-secret-value")
     path = write(tmp_path, """\
+teacher:
+  kind: remote
+  base_url: https://api.example.com/v1
+  model: big
+  api_key_env: MY_TEACHER_KEY
+student:
+  model: hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789
+""")
+    text = show(load_config(path))
+    assert "sk-very-secret-value" not in text
+    assert "api_key_env: MY_TEACHER_KEY" in text
+    assert "$MY_TEACHER_KEY is set" in text
+    assert "tokens_per_minute: 1000000" in text   # a field named like a secret but not one stays visible
+    # a key pasted where a model name belongs is hidden too
+    assert "hf_AbCdEf" not in text and "model: '***'" in text
+
+
+def errors_of(tmp_path, text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("pasted", ["sk-live-abcdef1234567890abcdef", "AKIAIOSFODNN7EXAMPLE",
+                                    "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "ghp_0123456789abcdefABCDEF0123456789abcd"])
+def test_a_key_pasted_into_api_key_env_is_refused_and_never_echoed(tmp_path, pasted):
+    message = errors_of(tmp_path, f"teacher:\n  api_key_env: {pasted}\n")
+    assert "teacher.api_key_env (line 2): this looks like an API key, not the name of a variable" in message
+    assert pasted not in message and pasted[4:12] not in message
+
+
+def test_api_key_env_must_be_a_variable_name(tmp_path):
+    message = errors_of(tmp_path, "judge:\n  api_key_env: my key\n")
+    assert "judge.api_key_env (line 2): must be the name of an environment variable" in message
+    assert load_config(write(tmp_path, "teacher:\n  api_key_env: OPENAI_API_KEY_2\n")).teacher.api_key_env \
+        == "OPENAI_API_KEY_2"
+
+
+def test_credentials_in_urls_are_refused_without_echoing_them(tmp_path):
+    message = errors_of(tmp_path, """\
 storage:
   run_dir: s3://AKIAXXXX:topsecret@bucket/run
 teacher:
   kind: remote
   base_url: https://user:pa55word@api.example.com/v1
   model: big
-  api_key_env: MY_TEACHER_KEY
 """)
-    text = show(load_config(path))
-    assert "topsecret" not in text and "pa55word" not in text and "sk-very-secret-value" not in text
-    assert "https://***@api.example.com/v1" in text
-    assert "api_key_env: MY_TEACHER_KEY" in text
-    assert "$MY_TEACHER_KEY is set" in text
-    assert "tokens_per_minute: 1000000" in text   # a field named like a secret but not one stays visible
+    assert "storage.run_dir (line 2): holds credentials (s3://***@bucket/run)" in message
+    assert "teacher.base_url (line 5): holds credentials (https://***@api.example.com/v1)" in message
+    assert "topsecret" not in message and "pa55word" not in message
+
+
+def test_a_yaml_alias_bomb_fails_fast_naming_the_line(tmp_path):
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]" for i in range(8)]
+    lines += ["pool:", "  source: *i"]
+    message = errors_of(tmp_path, "\n".join(lines) + "\n")       # 10^9 values once expanded
+    assert f"line 4: YAML aliases here expand to more than {MAX_YAML_VALUES} values" in message
+    # a few aliases that repeat a section are fine
+    config = load_config(write(tmp_path, "teacher: &t\n  requests_per_minute: 50\njudge: *t\n"))
+    assert config.judge.requests_per_minute == 50
+    assert "refers to the value it is part of" in errors_of(tmp_path, "ray:\n  namespace: &n [*n]\n")
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    message = errors_of(tmp_path, "teacher:\n  model: a\nstudent:\n  num_actors: 1\n  num_actors: 2\n"
+                                  "teacher:\n  model: b\n")
+    assert "teacher (line 6): duplicate key; it is also written on line 1" in message
+    assert "student.num_actors (line 5): duplicate key; it is also written on line 4" in message
+
+
+@pytest.mark.parametrize("text, field", [
+    ("teacher:\n  timeout_s: .inf\n", "teacher.timeout_s (line 2): Input should be a finite number"),
+    ("curriculum:\n  mfd_threshold: .nan\n", "curriculum.mfd_threshold (line 2): Input should be a finite number"),
+    ("max_cost_usd: -.inf\n", "max_cost_usd (line 1): Input should be a finite number"),
+    ("teacher:\n  max_attempts: true\n", "teacher.max_attempts (line 2): expected a number, got the boolean true"),
+    ("training:\n  learning_rate: false\n", "training.learning_rate (line 2): expected a number, got the boolean false"),
+    ("pool:\n  rows_per_shard: '100'\n", "pool.rows_per_shard (line 2): Input should be a valid integer"),
+])
+def test_non_finite_numbers_and_booleans_where_numbers_belong_are_refused(tmp_path, text, field):
+    assert field in errors_of(tmp_path, text)
