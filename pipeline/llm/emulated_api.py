@@ -53,7 +53,15 @@ class ServerStats:
     faults: collections.Counter = field(default_factory=collections.Counter)
     answered_prompts: collections.Counter = field(default_factory=collections.Counter)
     tokens_charged: int = 0
+    prompt_tokens_charged: int = 0
+    completion_tokens_charged: int = 0
     answered_at: list = field(default_factory=list)    # (monotonic time, tokens) of each answered request
+
+    def billed_usd(self, input_per_million_usd: float, output_per_million_usd: float) -> float:
+        """What a paid API at these prices would have billed for every answered request: the client's own
+        books are checked against this, never against themselves."""
+        return (self.prompt_tokens_charged * input_per_million_usd
+                + self.completion_tokens_charged * output_per_million_usd) / 1e6
 
 
 def count_tokens(text: str) -> int:
@@ -201,6 +209,8 @@ class EmulatedAPI:
         self._window.append((now, tokens))
         self.stats.answered += 1
         self.stats.tokens_charged += tokens
+        self.stats.prompt_tokens_charged += prompt_tokens
+        self.stats.completion_tokens_charged += completion_tokens
         self.stats.answered_prompts[json.dumps(messages, sort_keys=True)] += 1
         self.stats.answered_at.append((now, tokens))
         return web.json_response({
