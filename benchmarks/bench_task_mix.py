@@ -11,7 +11,8 @@ Alpaca has no MFD either (that needs a judge). Two documented stand-ins:
 For each round size and round (0: α=0.5, 2: α=1.0; δ=1.0, β=0.25) the total variation to the target of
   natural   a uniform random sample of the pool of the same size and seed (with replacement above the pool size)
   planned   plan_round's mix
-  floor     the best integer mix of that size over the categories the pool has (quotas() over the whole pool);
+  floor     the best integer mix of that size over the categories the pool has (quotas() over the whole pool,
+            repeats unbounded);
             its limit is the target share of the pool's empty categories
   split_floor  the best mix (continuous, by LP) that respects the round's hard/easy split: α of the rows from
             categories with hard rows, 1-α from categories with easy rows
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import store
-from pipeline.config import DEFAULT_TASK_TARGETS, PoolConfig, RunConfig
+from pipeline.config import DEFAULT_TASK_TARGETS, CurriculumConfig, PoolConfig, RunConfig
 from pipeline.curriculum import hard_share, is_hard, plan_round, quotas, total_variation
 from pipeline.llm.judge import request_text
 from pipeline.models import bundled_encoder_dir
@@ -42,6 +43,7 @@ from pipeline.pool import import_pool, read_pool
 from training.classifier import train_classifier
 
 THRESHOLD, START, STEP = 1.0, 0.5, 0.25
+MAX_COPIES = CurriculumConfig().max_copies_per_row
 
 
 def log(message: str) -> None:
@@ -183,15 +185,15 @@ def main() -> None:
 
     natural = {size: total_variation(Counter(tasks[i] for i in natural_sample(n, size, args.seed)), targets)
                for size in args.sizes}
-    best = {size: total_variation(quotas(targets, counts, size), targets) for size in args.sizes}
+    best = {size: total_variation(quotas(targets, {t: size for t in counts}, size), targets) for size in args.sizes}
     rows = []
     for name, mfd in scenarios.items():
         for round_index in args.rounds:
             alpha = hard_share(round_index, START, STEP)
             floor_split = split_floor(tasks, mfd, targets, alpha)
             for size in args.sizes:
-                plan = plan_round(tasks, mfd, round_index, size, THRESHOLD, START, STEP, targets, args.seed)
-                assert len(plan.indices) == size
+                plan = plan_round(tasks, mfd, round_index, size, THRESHOLD, START, STEP, targets, args.seed,
+                                  max_copies=MAX_COPIES)
                 repeats = Counter(plan.indices).most_common(1)[0]
                 rows.append({"mfd": name, "round": round_index, "alpha": alpha, "size": size,
                              "hard_planned": plan.hard_rows_planned, "easy_planned": plan.easy_rows_planned,

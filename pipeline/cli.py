@@ -21,6 +21,7 @@ from pipeline.llm.secret import MissingSecretError
 from pipeline.llm.shared_limits import local_limits
 from pipeline.models import ModelError, bundled_encoder_dir, prepare_bundled_student
 from training import CheckpointMismatch, TrainingDataError
+from pipeline.planning import PlanError
 from pipeline.pool import PoolImportError, ensure_pool, import_pool, read_pool
 from pipeline.report import ReportError
 from pipeline.submission import SubmitError
@@ -30,7 +31,7 @@ log = logging.getLogger("tapir")
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
 _USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError,
                 RequestFailed, BudgetExceeded, TrainingDataError, CheckpointMismatch, ReportError, EvalError,
-                SubmitError, FileNotFoundError)
+                SubmitError, PlanError, FileNotFoundError)
 
 
 def _positive_int(text: str) -> int:

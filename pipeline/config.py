@@ -227,15 +227,23 @@ class ClassifierConfig(Section):
 class CurriculumConfig(Section):
     rounds: int = Field(2, gt=0)
     mfd_threshold: float = Field(1.0, description=(
-        "δ: rows whose MFD (teacher score − student score) exceeds it are hard seeds. Lion uses 1.0."))
+        "δ: rows whose MFD (teacher score − student score) is at least δ are hard. Lion uses 1.0 and counts a "
+        "gap of exactly 1.0 as hard; MFD moves in 0.5 steps, so the comparison matters."))
     hard_share_start: float = Field(0.5, ge=0, le=1, description="α_0: share of hard rows in round 0.")
     hard_share_step: float = Field(0.25, ge=0, le=1, description="β: α_{r+1} = min(1, α_r + β).")
     rows_per_round: int = Field(200, gt=0, description="Training rows per round after resampling.")
+    max_copies_per_row: int = Field(3, gt=0, description=(
+        "Most copies of one pool row in a round's plan. Thin task categories and scarce hard rows are repeated "
+        "up to this; what they still cannot fill goes to other categories (and from the hard part to the easy "
+        "one, or back), and the plan's manifest warns. Each copy is seen once per epoch: beyond ~3 the student "
+        "learns the row, not its category (one hard row once filled 36 of 48 planned rows)."))
     expansion_per_round: int = Field(100, ge=0, description="New instructions the teacher writes per round.")
     keep_reference_outputs: bool = Field(True, description=(
         "Use the pool's reference output as the teacher's response where there is one."))
     task_targets: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TASK_TARGETS), description=(
-        "Target task distribution; normalised to sum to 1. Replacing it replaces the category list."))
+        "Target task distribution; normalised to sum to 1. Replacing it replaces the category list. A row whose "
+        "task is not listed is planned as 'Others' when the list has it, else in one extra category with the "
+        "smallest listed share; the plan's manifest counts such rows (rows_outside_targets)."))
     seed: int = 0
 
     @field_validator("task_targets")

@@ -1,11 +1,14 @@
 """The curriculum math of TAPIR, as pure functions: which scored rows a round trains on.
 
-Difficulty: a row is hard when its MFD (judged teacher score minus student score) exceeds δ; round r's set
-has a hard share α_r = min(1, α_0 + r·β) (Lion's hard/easy mix, raised each round). Task: each part of the
-set (hard, easy) is resampled toward the target task distribution with an exact size: every category gets
-its largest-remainder quota of the size; an over-full category is down-sampled without replacement, a thin
-one keeps all its rows and is topped up by repetition; the quota of a category with no rows at all goes to
-the others in proportion to their targets. Everything is deterministic for a seed.
+Difficulty: a row is hard when its MFD (judged teacher score minus student score) is at least δ, as Lion counts
+it (a gap of exactly δ is hard); round r's set has a hard share α_r = min(1, α_0 + r·β) (Lion's hard/easy mix,
+raised each round). Task: each part of the set (hard, easy) is resampled toward the target task distribution
+with an exact size: every category gets its largest-remainder quota of the size; an over-full category is
+down-sampled without replacement, a thin one keeps all its rows and is repeated evenly, never past
+`max_copies` copies of one row; a quota a category cannot fill (no rows, or all at the cap) goes to the others
+in proportion to their targets, and what a whole part cannot fill goes to the other part. Rows whose task is not
+in the targets count as "Others" when the targets have it, else as one more category with the smallest target.
+Everything is deterministic for a seed.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+OTHERS = "Others"
+UNLISTED = "(tasks outside task_targets)"
+
 
 def hard_share(round_index: int, start: float, step: float) -> float:
     """α_r = min(1, α_0 + r·β)."""
@@ -22,40 +28,56 @@ def hard_share(round_index: int, start: float, step: float) -> float:
 
 
 def is_hard(mfd: Optional[float], threshold: float) -> Optional[bool]:
-    """None for a row without an MFD (its scoring failed): it is neither hard nor easy."""
-    return None if mfd is None or math.isnan(mfd) else mfd > threshold
+    """MFD ≥ δ. None for a row without an MFD (its scoring failed): it is neither hard nor easy."""
+    return None if mfd is None or math.isnan(mfd) else bool(mfd >= threshold)
 
 
-def quotas(targets: dict[str, float], available: dict[str, int], size: int) -> dict[str, int]:
-    """Rows per category summing exactly to `size` (largest remainder), over the categories that have rows;
-    the target share of an empty category is spread over the others in proportion to theirs."""
-    present = {name: share for name, share in targets.items() if available.get(name, 0) > 0}
-    # rows whose task is outside the targets are a category of their own, with no target share
-    if not present:
-        present = {name: 1.0 for name, count in available.items() if count > 0}
-    if not present or size <= 0:
-        return {}
-    total = sum(present.values())
-    exact = {name: size * share / total for name, share in present.items()}
-    counts = {name: math.floor(value) for name, value in exact.items()}
-    left = size - sum(counts.values())
-    for name in sorted(exact, key=lambda n: (-(exact[n] - counts[n]), n))[:left]:
-        counts[name] += 1
+def quotas(targets: dict[str, float], capacity: dict[str, int], size: int) -> dict[str, int]:
+    """Rows per category summing to `size` (or to the total capacity, when that is less), none over its
+    capacity: largest-remainder shares over the categories with room, the share of a category without rows or
+    at its capacity spread over the others in proportion to theirs. A category outside `targets` gets none."""
+    room = {name: share for name, share in targets.items() if capacity.get(name, 0) > 0}
+    left = min(size, sum(capacity[name] for name in room))
+    counts: dict[str, int] = {}
+    while room and left > 0:
+        total = sum(room.values())
+        exact = {name: left * share / total for name, share in room.items()}
+        share_of = {name: math.floor(value) for name, value in exact.items()}
+        extra = left - sum(share_of.values())
+        for name in sorted(exact, key=lambda n: (-(exact[n] - share_of[n]), n))[:extra]:
+            share_of[name] += 1
+        full = [name for name in room if share_of[name] >= capacity[name]]
+        if not full:
+            counts.update(share_of)
+            break
+        for name in full:                # filled to capacity; the rest is shared again among the others
+            counts[name] = capacity[name]
+            left -= capacity[name]
+            del room[name]
     return {name: count for name, count in counts.items() if count}
 
 
-def resample(indices_by_task: dict[str, list[int]], targets: dict[str, float], size: int,
+def spread(count: int, size: int, rng: random.Random) -> Counter:
+    """`size` picks among `count` items, as even as can be: without replacement while the items last; beyond
+    that every item size // count times and the remainder drawn at random. Returns item index → copies."""
+    if count <= 0 or size <= 0:
+        return Counter()
+    whole, remainder = divmod(size, count)
+    copies = Counter({index: whole for index in range(count)} if whole else {})
+    copies.update(rng.sample(range(count), remainder))
+    return copies
+
+
+def resample(indices_by_task: dict[str, list[int]], targets: dict[str, float], size: int, max_copies: int,
              rng: random.Random) -> list[int]:
-    """`size` row indices whose task mix follows `targets` as closely as the available rows allow."""
-    available = {task: len(rows) for task, rows in indices_by_task.items()}
+    """Up to `size` row indices whose task mix follows `targets` as closely as the rows allow, no row more than
+    `max_copies` times (fewer than `size` only when every row is at the cap)."""
+    capacity = {task: len(rows) * max_copies for task, rows in indices_by_task.items()}
     chosen: list[int] = []
-    for task, quota in sorted(quotas(targets, available, size).items()):
+    for task, quota in sorted(quotas(targets, capacity, size).items()):
         rows = sorted(indices_by_task[task])
-        if quota <= len(rows):
-            chosen.extend(rng.sample(rows, quota))
-        else:
-            chosen.extend(rows)
-            chosen.extend(rng.choices(rows, k=quota - len(rows)))
+        copies = spread(len(rows), quota, rng)
+        chosen.extend(rows[i] for i in sorted(copies) for _ in range(copies[i]))
     return chosen
 
 
@@ -64,38 +86,73 @@ class Plan:
     """The rows (as indices into the scored table, repeats allowed) a round trains on, and why."""
 
     indices: list[int]
+    rows_wanted: int
+    max_copies: int
     hard_share_target: float
     hard_rows_available: int
     easy_rows_available: int
     unscored_rows: int                                  # no MFD: left out
+    rows_outside_targets: int                           # scored rows whose task is not in the targets
     hard_rows_planned: int
     easy_rows_planned: int
     task_mix: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def hard_share_planned(self) -> Optional[float]:
+        return round(self.hard_rows_planned / len(self.indices), 3) if self.indices else None
 
-def plan_round(tasks: Sequence[str], mfd: Sequence[Optional[float]], round_index: int, size: int,
-               threshold: float, start: float, step: float, targets: dict[str, float], seed: int) -> Plan:
-    """The round's training rows: a hard part of α_r·size rows and an easy part of the rest, each resampled
-    by task. A part with no rows gives its size to the other, so the set always has `size` rows when any row
-    was scored."""
+    def warnings(self) -> list[str]:
+        """What the scored rows could not give this round: fewer rows than wanted, or another hard share."""
+        found = []
+        cap = f"at most {self.max_copies} copies of a row (curriculum.max_copies_per_row)"
+        if len(self.indices) < self.rows_wanted:
+            found.append(f"planned {len(self.indices)} of {self.rows_wanted} rows: {self.hard_rows_available} hard "
+                         f"and {self.easy_rows_available} easy rows scored, {cap}")
+        wanted_hard = round(self.hard_share_target * len(self.indices))
+        if self.indices and self.hard_rows_planned != wanted_hard:
+            side, count = (("hard", self.hard_rows_available) if self.hard_rows_planned < wanted_hard
+                           else ("easy", self.easy_rows_available))
+            found.append(f"hard share planned {self.hard_share_planned:.3f}, target {self.hard_share_target:.3f}: "
+                         f"only {count} {side} rows scored, {cap}")
+        return found
+
+
+def task_group(task: Optional[str], targets: dict[str, float]) -> str:
+    """The target category a row's task is resampled in (see the module's first lines)."""
+    if task in targets:
+        return task
+    return OTHERS if OTHERS in targets else UNLISTED
+
+
+def plan_round(tasks: Sequence[Optional[str]], mfd: Sequence[Optional[float]], round_index: int, size: int,
+               threshold: float, start: float, step: float, targets: dict[str, float], seed: int, *,
+               max_copies: int) -> Plan:
+    """The round's training rows: a hard part of α_r·size rows and an easy part of the rest, each resampled by
+    task, no row more than `max_copies` times. What one part cannot fill goes to the other, so the set has
+    `size` rows whenever the scored rows allow it at the cap."""
     alpha = hard_share(round_index, start, step)
     hard, easy = defaultdict(list), defaultdict(list)
-    unscored = 0
+    unscored = outside = 0
     for index, (task, value) in enumerate(zip(tasks, mfd)):
         verdict = is_hard(value, threshold)
         if verdict is None:
             unscored += 1
-        else:
-            (hard if verdict else easy)[task].append(index)
+            continue
+        outside += task not in targets
+        (hard if verdict else easy)[task_group(task, targets)].append(index)
+    groups = {**targets, UNLISTED: min(targets.values())} if UNLISTED in hard or UNLISTED in easy else targets
     hard_count, easy_count = sum(map(len, hard.values())), sum(map(len, easy.values()))
-    hard_size = round(alpha * size) if easy_count else size
-    if not hard_count:
-        hard_size = 0
+    hard_size = min(round(alpha * size), hard_count * max_copies)
+    easy_size = min(size - hard_size, easy_count * max_copies)
+    hard_size = min(size - easy_size, hard_count * max_copies)
     rng = random.Random(f"{seed}:{round_index}")
-    indices = resample(hard, targets, hard_size, rng) + resample(easy, targets, size - hard_size, rng)
-    return Plan(indices=indices, hard_share_target=alpha, hard_rows_available=hard_count,
-                easy_rows_available=easy_count, unscored_rows=unscored, hard_rows_planned=hard_size,
-                easy_rows_planned=len(indices) - hard_size, task_mix=dict(Counter(tasks[i] for i in indices)))
+    hard_rows = resample(hard, groups, hard_size, max_copies, rng)
+    easy_rows = resample(easy, groups, easy_size, max_copies, rng)
+    indices = hard_rows + easy_rows
+    return Plan(indices=indices, rows_wanted=size, max_copies=max_copies, hard_share_target=alpha,
+                hard_rows_available=hard_count, easy_rows_available=easy_count, unscored_rows=unscored,
+                rows_outside_targets=outside, hard_rows_planned=len(hard_rows), easy_rows_planned=len(easy_rows),
+                task_mix=dict(Counter(tasks[i] for i in indices)))
 
 
 def total_variation(mix: dict[str, int], targets: dict[str, float]) -> float:
@@ -127,12 +184,5 @@ def expansion_seeds(hard_ids: Sequence[str], easy_ids: Sequence[str], count: int
 
 def baseline_copies(count: int, size: int, seed: int) -> Counter:
     """Plain distillation's rows: `size` of `count` rows drawn at random, no difficulty and no task in the
-    choice. Without replacement while the rows last; beyond that every row is taken size // count times and
-    the remainder drawn at random, so no row is repeated more than once over another. Returns index → copies."""
-    if count <= 0 or size <= 0:
-        return Counter()
-    rng = random.Random(seed)
-    whole, remainder = divmod(size, count)
-    copies = Counter({index: whole for index in range(count)} if whole else {})
-    copies.update(rng.sample(range(count), remainder))
-    return copies
+    choice, spread as evenly as can be (`spread`). Returns index → copies."""
+    return spread(count, size, random.Random(seed))

@@ -95,13 +95,20 @@ def _generate(config: RunConfig, round_index: int, endpoints: RunEndpoints) -> l
     return write_checkpointed(build, out.child("generated"), checkpoint_location(config, round_index, STAGE), limits)
 
 
+# The columns judged_rows reads from the expand and classify stages' output, with their types.
+_GENERATED_SCHEMA = pa.schema([
+    ("id", pa.string()), ("seed_id", pa.string()), ("difficulty", pa.string()), ("instruction", pa.string()),
+    ("input", pa.string()), ("task", pa.string()), ("task_confidence", pa.float32()), ("expand_status", pa.string()),
+    ("expand_error", pa.string()), ("expand_finish_reason", pa.string()), ("expand_prompt_tokens", pa.int32()),
+    ("expand_completion_tokens", pa.int32())])
+
+
 def judged_rows(config: RunConfig, round_index: int, generated: Optional[pa.Table]) -> pa.Table:
     """Every generated row with `status` (ok, the request's failure, or why it was dropped), in request order;
     an ok row gets its own stable `id` and keeps the request's as `request_id`."""
-    columns = ["id", "seed_id", "difficulty", "instruction", "input", "task", "task_confidence", "expand_status",
-               "expand_error", "expand_finish_reason", "expand_prompt_tokens", "expand_completion_tokens"]
-    if generated is None:
-        return pa.table({"request_id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+    columns = _GENERATED_SCHEMA.names
+    if generated is None:           # no request was sent (expansion_per_round: 0, or no seeds): no rows, same columns
+        generated = _GENERATED_SCHEMA.empty_table()
     table = generated.select(columns)
     table = table.take(pc.sort_indices(table, [("id", "ascending")]))
     rows = table.to_pylist()
@@ -110,7 +117,7 @@ def judged_rows(config: RunConfig, round_index: int, generated: Optional[pa.Tabl
               for row in rows]
     candidates = [i for i, s in enumerate(status) if s == "ok"]
     duplicates = near_duplicates([rows[i]["instruction"] for i in candidates], _reference_texts(config, round_index),
-                                 threshold=config.expansion.rouge_l_threshold)
+                                 threshold=config.expansion.rouge_l_threshold) if candidates else []
     duplicate_of = [None] * len(rows)
     for i, found in zip(candidates, duplicates):
         if found is not None:

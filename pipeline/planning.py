@@ -3,6 +3,7 @@ has answered them, the round's training set (`train/`). Both touch only small ta
 instruction, never the pool's responses."""
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Optional
 
@@ -12,15 +13,21 @@ import pyarrow.compute as pc
 from pipeline import store
 from pipeline.classification import round_location
 from pipeline.config import RunConfig
-from pipeline.curriculum import plan_round, total_variation
+from pipeline.curriculum import is_hard, plan_round, total_variation
 from pipeline.scoring import score_location
 from training.sft_data import training_set_location
+
+log = logging.getLogger(__name__)
 
 PLAN = "plan"
 TRAIN = "train"
 _PLAN_FILE = "plan.parquet"
 _SCORED_COLUMNS = ["id", "instruction", "input", "task", "mfd", "status"]
 MFD_BINS = [-10.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 9.0]
+
+
+class PlanError(ValueError):
+    """A round that cannot be planned (no row scored ok); the message says why and what to do."""
 
 
 def plan_location(config: RunConfig, round_index: int) -> store.Location:
@@ -52,24 +59,34 @@ def plan(config: RunConfig, round_index: int) -> dict:
     mfd = [None if status != "ok" else value for value, status in
            zip(scored.column("mfd").to_pylist(), scored.column("status").to_pylist())]
     tasks = scored.column("task").to_pylist()
+    if not any(value is not None for value in mfd):
+        failures = Counter(scored.column("status").to_pylist())
+        raise PlanError(f"{score_location(config, round_index).uri}: round {round_index} has no row scored ok "
+                        f"({', '.join(f'{k}: {n}' for k, n in failures.most_common()) or 'no rows'}), so there is "
+                        "nothing to plan: the rows' error column says why; fix the cause and start the run again in "
+                        "a new storage.run_dir")
     chosen = plan_round(tasks, mfd, round_index, curriculum.rows_per_round, curriculum.mfd_threshold,
                         curriculum.hard_share_start, curriculum.hard_share_step, curriculum.task_targets,
-                        curriculum.seed)
+                        curriculum.seed, max_copies=curriculum.max_copies_per_row)
+    for warning in chosen.warnings():
+        log.warning("round %d plan: %s", round_index, warning)
     copies = Counter(chosen.indices)
     unique = sorted(copies)
     table = scored.select(["id", "instruction", "input", "task", "mfd"]).take(unique)
     table = table.append_column("difficulty", pa.array(
-        ["hard" if mfd[i] > curriculum.mfd_threshold else "easy" for i in unique], pa.string()))
+        ["hard" if is_hard(mfd[i], curriculum.mfd_threshold) else "easy" for i in unique], pa.string()))
     table = table.append_column("copies", pa.array([copies[i] for i in unique], pa.int32()))
     store.write_parquet(out, _PLAN_FILE, table)
     scored_mix = Counter(task for task, value in zip(tasks, mfd) if value is not None)
     summary = {
         "stage": PLAN, "round": round_index, "complete": True, "rows_scored": len(mfd),
         "rows_unscored": chosen.unscored_rows, "rows_planned": len(chosen.indices), "distinct_rows": len(unique),
-        "hard_share_target": chosen.hard_share_target,
-        "hard_share_planned": round(chosen.hard_rows_planned / len(chosen.indices), 3) if chosen.indices else None,
+        "rows_wanted": chosen.rows_wanted, "max_copies_per_row": chosen.max_copies,
+        "most_copies_of_a_row": max(copies.values(), default=0),
+        "hard_share_target": chosen.hard_share_target, "hard_share_planned": chosen.hard_share_planned,
         "hard_rows_available": chosen.hard_rows_available, "easy_rows_available": chosen.easy_rows_available,
         "hard_rows_planned": chosen.hard_rows_planned, "easy_rows_planned": chosen.easy_rows_planned,
+        "rows_outside_targets": chosen.rows_outside_targets, "warnings": chosen.warnings(),
         "task_mix_scored": dict(scored_mix.most_common()), "task_mix_planned": dict(Counter(chosen.task_mix).most_common()),
         "task_tv_scored": round(total_variation(scored_mix, curriculum.task_targets), 4),
         "task_tv_planned": round(total_variation(chosen.task_mix, curriculum.task_targets), 4),

@@ -63,7 +63,7 @@ def mfd_histogram(histograms: dict[int, dict[str, int]], threshold: Optional[flo
         hard = [i for i, label in enumerate(bins) if _bin_bounds(label)[0] >= threshold]
         if hard:
             ax.axvspan(hard[0] - 0.5, len(bins) - 0.5, color="tab:red", alpha=0.08,
-                       label=f"hard: MFD > δ = {threshold:g}")
+                       label=f"hard: MFD ≥ δ = {threshold:g}")
     ax.set_xlabel("MFD (teacher score − student score) bin")
     ax.set_ylabel("scored instructions")
     ax.set_title("Model fitting difficulty of the scored pool, per round")
@@ -101,7 +101,7 @@ def task_mix(mixes: dict[int, dict], path: Path) -> Path:
 
 
 def hard_share(shares: dict[int, dict[str, Optional[float]]], path: Path) -> Path:
-    """Share of hard rows (MFD > δ) per round: the curriculum's target α_r, the plan, the training set."""
+    """Share of hard rows (MFD ≥ δ) per round: the curriculum's target α_r, the plan, the training set."""
     rounds = sorted(shares)
     groups = [f"round {r}" for r in rounds]
     series = {label: {group: shares[r].get(key) for group, r in zip(groups, rounds)} for key, label in

@@ -53,7 +53,7 @@ def format_round_summary(summary: dict) -> str:
         f"({rows['planned_distinct']} distinct) + new {rows['expansion_kept']} of {rows['expansion_requests']} "
         f"(dropped: {dropped}) → answered {rows['answered']} → training set {rows['training_set']} → trained "
         f"{rows['trained']}",
-        f"  hard share (MFD > {hard['threshold']}): target {hard['target']:.2f}, planned {hard['planned']}, "
+        f"  hard share (MFD ≥ {hard['threshold']}): target {hard['target']:.2f}, planned {hard['planned']}, "
         f"training set {hard['training_set']} ({hard['hard_rows_available']} hard rows available)",
         f"  task mix, total variation from the target: scored pool {mix['tv_scored']:.3f} → planned "
         f"{mix['tv_planned']:.3f} → training set {mix['tv_training_set']:.3f}",

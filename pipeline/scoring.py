@@ -159,7 +159,7 @@ def summarise(config: RunConfig, round_index: int, rows_in: int, scored: pa.Tabl
         "complete": scored.num_rows == unique == rows_in,
         "rows_in": rows_in, "rows_out": scored.num_rows, "duplicate_rows": scored.num_rows - unique,
         "rows_ok": ok, "failed": dict(statuses.most_common()),
-        "hard_rows": int(pc.sum(pc.greater(mfd, config.curriculum.mfd_threshold)).as_py() or 0),
+        "hard_rows": int(pc.sum(pc.greater_equal(mfd, config.curriculum.mfd_threshold)).as_py() or 0),
         "mfd_mean": round(pc.mean(mfd).as_py(), 3) if len(mfd) else None,
         "tokens": {"student_completion": _sum(scored, "student_tokens"), "teacher": teacher_tokens,
                    "judge": judge_tokens},
@@ -178,7 +178,7 @@ def format_summary(summary: dict, location: str) -> str:
         f"round {summary['round']} scored: {summary['rows_out']} of {summary['rows_in']} rows written to {location}"
         + (" (already finished; nothing was run)" if summary.get("skipped") else ""),
         f"  ok {summary['rows_ok']}; failed: {failed}",
-        f"  hard (MFD > threshold) {summary['hard_rows']}; mean MFD {summary['mfd_mean']}",
+        f"  hard (MFD ≥ threshold) {summary['hard_rows']}; mean MFD {summary['mfd_mean']}",
         f"  tokens: student {tokens['student_completion']}, teacher {tokens['teacher']['prompt']} in + "
         f"{tokens['teacher']['completion']} out, judge {tokens['judge']['prompt']} in + "
         f"{tokens['judge']['completion']} out; cost ${summary['cost_usd']['total']:.4f}",

@@ -141,7 +141,7 @@ def test_the_plan_keeps_each_row_once_with_its_copies_and_says_why(tmp_path):
     assert len({r["id"] for r in planned}) == len(planned) == summary["distinct_rows"]
     assert "r07" not in {r["id"] for r in planned} and summary["rows_unscored"] == 1
     assert summary["hard_rows_planned"] == 6 and summary["hard_share_planned"] == 0.5
-    assert all((r["difficulty"] == "hard") == (r["mfd"] > 1.0) for r in planned)
+    assert all((r["difficulty"] == "hard") == (r["mfd"] >= 1.0) for r in planned)
     assert summary["mfd"]["rows"] == 11 and sum(summary["mfd"]["histogram"].values()) == 11
     assert planning.plan(config, 0)["skipped"]
 
