@@ -24,6 +24,7 @@ from training import CheckpointMismatch, TrainingDataError
 from pipeline.planning import PlanError
 from pipeline.pool import PoolImportError, ensure_pool, import_pool, read_pool
 from pipeline.report import ReportError
+from pipeline.resume import ResumeRefused
 from pipeline.submission import SubmitError
 
 log = logging.getLogger("tapir")
@@ -31,7 +32,7 @@ log = logging.getLogger("tapir")
 # Errors a user can act on: printed as one message, exit status 2, no traceback.
 _USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError,
                 RequestFailed, BudgetExceeded, TrainingDataError, CheckpointMismatch, ReportError, EvalError,
-                SubmitError, PlanError, FileNotFoundError)
+                SubmitError, PlanError, ResumeRefused, FileNotFoundError)
 
 
 def _positive_int(text: str) -> int:

@@ -4,7 +4,8 @@ One round: score the pool with the round's student → plan (difficulty and task
 teacher writes new instructions from the seeds) → respond (the teacher answers in the task's style) →
 write the training set → train the next student. Every stage writes its output and a manifest under
 `run/round_R/`; a finished stage is skipped when the command runs again and an interrupted one continues
-from what it wrote. `run/state.json` says where the run is, what it has spent and how it ended.
+from what it wrote. `run/state.json` says where the run is, what it has spent, how it ended and the config it
+ran with: a run resumed with settings that shaped a finished stage is refused (`pipeline/resume.py`).
 
 A run ends cleanly, with everything written so far kept, when the budget would be passed, on SIGTERM, or
 when `tapir stop` leaves a STOP file in the run directory (checked before each stage, and
@@ -22,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from pipeline import expansion, planning, responding, scoring, store
+from pipeline import expansion, planning, responding, resume, scoring, store
 from pipeline.classification import round_location, run_dir
 from pipeline.config import RunConfig
 from pipeline.llm.endpoint import RunEndpoints
@@ -51,8 +52,13 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     location = run_dir(config)
     location.makedirs()
     state = store.read_json(location, STATE_FILE) or {"rounds": {}}
-    state.update(status="running", rounds_planned=config.curriculum.rounds, config_hash=scoring.config_hash(config),
-                 last_started=_now(), stopped_because=None)
+    key = scoring.config_hash(config)
+    changed = resume.check(state, config, key, location.child(STATE_FILE).uri)
+    if changed:
+        log.info("resumed with changed settings that shaped no finished stage: %s", ", ".join(changed))
+        state.setdefault("config_changes", []).append({"at": _now(), "settings": changed})
+    state.update(status="running", rounds_planned=config.curriculum.rounds, config_hash=key,
+                 config=config.model_dump(mode="json"), last_started=_now(), stopped_because=None)
     spent_before = state.get("spent_usd", 0.0)
     limits = None
 

@@ -1,0 +1,94 @@
+"""Whether a run may go on with the config it is resumed with.
+
+`state.json` keeps the config a run last ran with. Resumed with another one, the run compares them setting by
+setting: a setting that shaped the output of a stage the run has finished (in any round) would mix two configs
+in one run, so the run is refused with the settings that differ; settings that shape no output (the budget, the
+number of rounds, where and how fast the work runs) may change, and each change is recorded in `state.json`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.config import RunConfig, redacted
+
+# Settings that shape no stage's output: what a run may spend, how many rounds it has, and where and how fast the
+# work runs. A prefix covers what is under it.
+FREE_SETTINGS = (
+    "max_cost_usd", "curriculum.rounds", "ray.", "eval.", "storage.cache_dir", "storage.s3_endpoint_url",
+    "student.num_actors", "student.batch_size", "classifier.num_actors", "classifier.batch_size",
+    "scoring.actors_per_stage", "scoring.batches_in_flight_per_actor", "scoring.batch_size",
+    *(f"{role}.{name}" for role in ("teacher", "judge") for name in (
+        "requests_per_minute", "tokens_per_minute", "max_concurrency", "price.", "local.host", "local.port",
+        "local.startup_timeout_s")),
+)
+_ALL = ("score", "plan", "expand", "respond", "train_set", "train")
+# The stages whose output a section (or a single setting, which takes precedence) shapes.
+_SHAPES = {
+    "pool": _ALL, "storage": _ALL, "classifier": ("score", "expand"), "student": ("score",),
+    "teacher": ("score", "expand", "respond"), "judge": ("score",), "scoring": ("score", "expand", "respond"),
+    "curriculum": ("plan", "expand", "train_set"), "curriculum.keep_reference_outputs": ("score",),
+    "curriculum.expansion_per_round": ("expand",), "expansion": ("expand",), "respond": ("respond",),
+    "training": ("train",),
+}
+
+
+class ResumeRefused(ValueError):
+    """A run resumed with a config that changes what its finished stages produced."""
+
+
+def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A config dump as {dotted.setting: value}."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def _is_free(setting: str) -> bool:
+    return any(setting == free or (free.endswith(".") and setting.startswith(free)) for free in FREE_SETTINGS)
+
+
+def _stages_shaped(setting: str) -> tuple[str, ...]:
+    if setting in _SHAPES:
+        return _SHAPES[setting]
+    return _SHAPES.get(setting.split(".", 1)[0], _ALL)       # a setting not listed is taken to shape everything
+
+
+def check(state: dict, config: RunConfig, config_hash: str, where: str) -> dict[str, list]:
+    """The settings changed since the run last ran, {setting: [before, now]} (empty for a new run or the same
+    config); raises ResumeRefused when one of them shaped a stage the run has finished. `where`: state.json's URI."""
+    finished = {(stage, r) for r, done in state.get("rounds", {}).items() for stage in done.get("finished", [])}
+    before = state.get("config")
+    if before is None:
+        # a state.json written before settings were recorded holds only the hash: any change is refused
+        if finished and state.get("config_hash") not in (None, config_hash):
+            raise ResumeRefused(f"{where}: this run was started with another config (hash {state['config_hash']}, "
+                                f"now {config_hash}); its settings were not recorded, so which of them changed "
+                                f"cannot be told. {_HOW}")
+        return {}
+    now = config.model_dump(mode="json")
+    old, new = flat(before), flat(now)
+    changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    refused = []
+    for setting, (was, is_now) in changed.items():
+        if _is_free(setting):
+            continue
+        shaped = sorted({f"{stage} of round {r}" for stage, r in finished if stage in _stages_shaped(setting)})
+        if shaped:
+            refused.append(f"  {setting}: {_shown(was)} → {_shown(is_now)} (shaped {', '.join(shaped[:3])}"
+                           f"{', …' if len(shaped) > 3 else ''})")
+    if refused:
+        raise ResumeRefused(
+            f"{where}: this run was started with another config, and these settings shaped stages it has already "
+            f"finished:\n" + "\n".join(refused) + f"\n{_HOW}")
+    return changed
+
+
+_HOW = ("Put the config back as it was to continue the run, or give the new config another storage.run_dir to "
+        "start a new run. (The budget, the number of rounds and where and how fast the work runs may change on a "
+        "resume.)")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(redacted(value), ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
