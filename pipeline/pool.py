@@ -8,6 +8,7 @@ error naming the file and line.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.resources
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -47,6 +49,7 @@ class Record:
     fields: Any             # the mapped pool fields (a dict) or the raw value that failed to map
     raw: str                # the source text, kept in the quarantine if the row is rejected
     problem: Optional[RowProblem] = None
+    read_as: Optional[str] = None   # the format the record was mapped with; None when it could not be read
 
 
 @dataclass
@@ -57,6 +60,7 @@ class ImportSummary:
     rows_out: int = 0
     not_sampled: int = 0                # valid rows left out by pool.sample_fraction
     quarantined: Counter = field(default_factory=Counter)
+    skipped: list[dict] = field(default_factory=list)   # entries of source directories not read: {path, why}
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -65,6 +69,7 @@ class ImportSummary:
             "stage": "pool_import", "sources": self.sources, "out": self.out,
             "rows_in": self.rows_in, "rows_out": self.rows_out, "not_sampled": self.not_sampled,
             "failed": sum(self.quarantined.values()), "failed_by_reason": dict(self.quarantined),
+            "skipped": self.skipped,
             "shards": self.shards, "wall_s": round(self.seconds, 3),
             "rows_per_s": round(self.rows_in / self.seconds, 1) if self.seconds else None,
         }
@@ -74,6 +79,10 @@ class ImportSummary:
                  f"in {self.out} ({self.seconds:.1f} s)"]
         if self.not_sampled:
             lines.append(f"left out {self.not_sampled} valid rows not in the sample (pool.sample_fraction)")
+        if self.skipped:
+            listed = "; ".join(f"{entry['path']} ({entry['why']})" for entry in self.skipped[:10])
+            more = f"; and {len(self.skipped) - 10} more (see {MANIFEST})" if len(self.skipped) > 10 else ""
+            lines.append(f"skipped {len(self.skipped)} entries of source directories: {listed}{more}")
         if self.quarantined:
             reasons = ", ".join(f"{reason}: {n}" for reason, n in self.quarantined.most_common())
             lines.append(f"quarantined {sum(self.quarantined.values())} rows ({reasons}); "
@@ -156,18 +165,37 @@ def _map(fmt: str, value: Any, id_column: Optional[str]) -> list[Any]:
 
 # ---------------------------------------------------------------- reading sources
 
-def _json_format(first: Any) -> str:
-    if isinstance(first, dict) and "messages" in first:
+def _json_format(record: Any) -> str:
+    if isinstance(record, dict) and "messages" in record:
         return "chat"
-    if isinstance(first, dict) and "instances" in first and "instruction" in first:
+    if isinstance(record, dict) and "instances" in record and "instruction" in record:
         return "selfinstruct"
     return "alpaca"
 
 
+def _mapped(fmt: str, value: Any, id_column: Optional[str]) -> tuple[str, list[Any]]:
+    """(how the record was read, its pool fields). With format 'auto' the format is decided for this record
+    alone, so a chat line among Alpaca lines is read as chat and the Alpaca lines as Alpaca."""
+    if fmt != "auto":
+        return f"{fmt} (the import's format)", _map(fmt, value, id_column)
+    decided = _json_format(value)
+    return f"{decided} (decided for this record: format auto)", _map(decided, value, id_column)
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _open(path: Path):
+    """The file's bytes, gunzipped for a .gz name."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
 def _read_jsonl(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Record]:
-    with open(path, "rb") as handle:
+    with _open(path) as handle:
         for line_no, line in enumerate(handle, start=1):
             raw_bytes = line.rstrip(b"\r\n")
+            if line_no == 1:
+                raw_bytes = raw_bytes.removeprefix(_BOM)        # a BOM is not part of the first record
             if not raw_bytes.strip():
                 continue
             where = f"{path}:{line_no}"
@@ -182,15 +210,15 @@ def _read_jsonl(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Reco
             except json.JSONDecodeError as err:
                 yield Record(where, None, raw, RowProblem("not_json", None, f"not valid JSON: {err.msg} at column {err.colno}"))
                 continue
-            if fmt == "auto":
-                fmt = _json_format(value)
-            for mapped in _map(fmt, value, id_column):
-                yield Record(where, mapped, raw)
+            read_as, rows = _mapped(fmt, value, id_column)
+            for mapped in rows:
+                yield Record(where, mapped, raw, read_as=read_as)
 
 
 def _read_json_array(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Record]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        with _open(path) as handle:
+            text = handle.read().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise PoolImportError(f"{path}: not valid UTF-8 at byte {err.start}; fix the file or use JSONL, "
                               "where bad lines are quarantined one by one") from None
@@ -200,12 +228,18 @@ def _read_json_array(path: Path, fmt: str, id_column: Optional[str]) -> Iterator
         raise PoolImportError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(items, list):
         raise PoolImportError(f"{path}: expected a JSON list of records, got a {type(items).__name__}")
-    if fmt == "auto":
-        fmt = _json_format(items[0] if items else None)
     for index, value in enumerate(items):
         raw = json.dumps(value, ensure_ascii=False)
-        for mapped in _map(fmt, value, id_column):
-            yield Record(f"{path}#{index}", mapped, raw)
+        read_as, rows = _mapped(fmt, value, id_column)
+        for mapped in rows:
+            yield Record(f"{path}#{index}", mapped, raw, read_as=read_as)
+
+
+def _holds_binary(kind: pa.DataType) -> bool:
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind) \
+            or pa.types.is_binary_view(kind):
+        return True
+    return any(_holds_binary(kind.field(i).type) for i in range(kind.num_fields))     # lists, structs, maps
 
 
 def _read_arrow_batches(path: Path, batches: Iterator[pa.RecordBatch], id_column: Optional[str]) -> Iterator[Record]:
@@ -213,8 +247,14 @@ def _read_arrow_batches(path: Path, batches: Iterator[pa.RecordBatch], id_column
     for batch in batches:
         if "instruction" not in batch.schema.names:
             raise PoolImportError(f"{path}: no 'instruction' column (columns: {', '.join(batch.schema.names)})")
+        binary = [f"{column.name} ({column.type})" for column in batch.schema if _holds_binary(column.type)]
+        if binary:
+            # bytes have no JSON form for meta, and a pool is text: guessing an encoding would corrupt it
+            raise PoolImportError(f"{path}: column(s) {', '.join(binary)} hold binary data, which a pool row "
+                                  "cannot keep; drop them or convert them to text first (dates, times and "
+                                  "decimals are converted)")
         for value in batch.to_pylist():
-            yield Record(f"{path}#{row}", _alpaca_fields(value, id_column), "")
+            yield Record(f"{path}#{row}", _alpaca_fields(value, id_column), "", read_as="columns")
             row += 1
 
 
@@ -248,19 +288,34 @@ def _is_hf_dir(path: Path) -> bool:
     return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
 
 
-def source_files(source: str, fmt: str) -> list[tuple[Path, str]]:
-    """Expands one source into (file, format) pairs; formats still 'auto' are decided while reading."""
+POOL_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+
+
+def source_files(source: str, fmt: str, skipped: Optional[list[dict]] = None) -> list[tuple[Path, str]]:
+    """Expands one source into (file, format) pairs; formats still 'auto' are decided while reading. A directory
+    gives its files whose names end in a POOL_SUFFIXES entry (in any case); what else it holds is appended to
+    `skipped` as {path, why}."""
     path = bundled_sample_path() if source == BUNDLED_SAMPLE else Path(source).expanduser()
     if not path.exists():
         raise PoolImportError(f"{source}: no such file or directory")
     if path.is_dir():
         if fmt == "hf" or (fmt == "auto" and _is_hf_dir(path)):
             return [(path, "hf")]
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
+        files, passed_over = [], []
+        for entry in sorted(path.iterdir()):
+            if entry.is_dir():
+                passed_over.append({"path": str(entry), "why": "a subdirectory: name it as a source of its own"})
+            elif entry.name.lower().endswith(POOL_SUFFIXES):
+                files.append(entry)
+            else:
+                passed_over.append({"path": str(entry), "why": "not a pool file (" + ", ".join(POOL_SUFFIXES) + ")"})
+        if skipped is not None:
+            skipped.extend(passed_over)
         if not files:
-            raise PoolImportError(f"{source}: directory holds no .jsonl, .json or .parquet file")
+            raise PoolImportError(f"{source}: directory holds no pool file ({', '.join(POOL_SUFFIXES)}, in any "
+                                  f"case); it holds {len(passed_over)} other entries")
         return [pair for f in files for pair in source_files(str(f), fmt)]
-    if fmt == "auto" and path.suffix == ".parquet":
+    if fmt == "auto" and path.name.lower().endswith(".parquet"):
         fmt = "parquet"
     return [(path, fmt)]
 
@@ -270,8 +325,8 @@ def _records(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Record]
         return _read_hf(path, id_column)
     if fmt == "parquet":
         return _read_parquet(path, id_column)
-    with open(path, "rb") as handle:
-        head = handle.read(4096).lstrip()
+    with _open(path) as handle:
+        head = handle.read(4096).removeprefix(_BOM).lstrip()
     if head.startswith(b"["):
         return _read_json_array(path, fmt, id_column)
     return _read_jsonl(path, fmt, id_column)
@@ -318,14 +373,18 @@ def import_pool(sources: list[str], out: store.Location, pool: PoolConfig,
                 overwrite: bool = False, progress: bool = True) -> ImportSummary:
     """Imports `sources` into Parquet shards under `out`; returns counts. Raises PoolImportError."""
     started = time.perf_counter()
+    if out.fs.get_file_info(out.path).type == pafs.FileType.File:
+        raise PoolImportError(f"{out.uri}: is a file; the output must be a directory (new, or a previous import's "
+                              "with --overwrite)")
+    skipped: list[dict] = []
+    files = [pair for source in sources for pair in source_files(source, pool.format, skipped)]
     if not out.is_empty_dir():
         if not overwrite:
             raise PoolImportError(f"{out.uri}: output directory is not empty; pass --overwrite to replace "
                                   "a previous import")
         _clear_previous_import(out)
-    files = [pair for source in sources for pair in source_files(source, pool.format)]
     out.makedirs()
-    summary = ImportSummary(sources=[str(p) for p, _ in files], out=out.uri)
+    summary = ImportSummary(sources=[str(p) for p, _ in files], out=out.uri, skipped=skipped)
     writer = _ShardWriter(out, pool.rows_per_shard)
     quarantine: list[str] = []
     seen_ids: set[str] = set()
@@ -334,8 +393,8 @@ def import_pool(sources: list[str], out: store.Location, pool: PoolConfig,
     def reject(record: Record, problem: RowProblem) -> None:
         summary.quarantined[problem.reason] += 1
         quarantine.append(json.dumps({"where": record.where, "reason": problem.reason, "field": problem.field,
-                                      "detail": problem.detail, "raw": record.raw[:_RAW_KEPT_CHARS]},
-                                     ensure_ascii=False))
+                                      "detail": problem.detail, "read_as": record.read_as,
+                                      "raw": record.raw[:_RAW_KEPT_CHARS]}, ensure_ascii=False))
 
     for path, fmt in files:
         for record in _records(path, fmt, pool.id_column):

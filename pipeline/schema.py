@@ -5,6 +5,8 @@ one. `meta` keeps, as JSON, whatever fields the source had beyond these, so an i
 """
 from __future__ import annotations
 
+import datetime
+import decimal
 import hashlib
 import json
 from dataclasses import dataclass
@@ -79,16 +81,37 @@ def check_record(record: Any, max_row_chars: int) -> tuple[Optional[dict], Optio
         if _has_lone_surrogate(text):
             return None, RowProblem("invalid_utf8", name, f"'{name}' holds text that is not valid UTF-8")
     given_id = record.get("id")
-    if given_id is not None and not isinstance(given_id, (str, int)):
-        return None, RowProblem("wrong_type", "id", f"'id' must be a string or integer, got {type(given_id).__name__}")
+    # bool is an int to Python: `"id": true` would become the id "True"
+    if given_id is not None and (isinstance(given_id, bool) or not isinstance(given_id, (str, int))):
+        return None, RowProblem("wrong_type", "id", f"'id' must be a non-empty string (or an integer), got "
+                                                    f"{type(given_id).__name__}")
+    if isinstance(given_id, str) and not given_id.strip():
+        return None, RowProblem("empty_id", "id", "'id' is empty")
+    try:
+        meta = json.dumps(record["meta"], ensure_ascii=False, sort_keys=True, default=_json_value) \
+            if record.get("meta") else None
+    except TypeError as err:
+        return None, RowProblem("wrong_type", "meta", f"a field holds a value JSON cannot: {err}")
     row = {
         "id": str(given_id) if given_id is not None else row_id(instruction, input_text),
         "instruction": instruction,
         "input": input_text,
         "output": output if output else None,
-        "meta": json.dumps(record["meta"], ensure_ascii=False, sort_keys=True) if record.get("meta") else None,
+        "meta": meta,
     }
     return row, None
+
+
+def _json_value(value: Any) -> Any:
+    """Values Parquet and HF columns hold that JSON has no type for: dates and times as ISO 8601, decimals as
+    their exact text, durations in seconds."""
+    if isinstance(value, (datetime.date, datetime.time)):       # datetime.datetime is a date
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _has_lone_surrogate(text: str) -> bool:

@@ -188,3 +188,92 @@ def test_importing_into_a_used_directory_needs_overwrite(shared_data, tmp_path):
     summary = import_pool([str(source)], location, PoolConfig(rows_per_shard=100), overwrite=True, progress=False)
     assert summary.shards == ["part-00000.parquet", "part-00001.parquet"]
     assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == [MANIFEST, *summary.shards]
+
+
+def test_dates_times_and_decimals_in_parquet_and_hf_columns_are_kept_as_json_text(tmp_path):
+    import datetime
+    import decimal
+
+    import datasets as hf
+
+    when = datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc)
+    pq.write_table(pa.table({"instruction": ["Name a planet."], "created": pa.array([when], pa.timestamp("us", "UTC")),
+                             "day": [datetime.date(2024, 5, 1)], "price": [decimal.Decimal("1.25")],
+                             "took": pa.array([datetime.timedelta(seconds=90)], pa.duration("s"))}),
+                   tmp_path / "typed.parquet")
+    _, pool = run_import([tmp_path / "typed.parquet"], tmp_path / "out1")
+    assert json.loads(pool.column("meta")[0].as_py()) == {
+        "created": "2024-05-01T12:30:00+00:00", "day": "2024-05-01", "price": "1.25", "took": 90.0}
+    hf.Dataset.from_dict({"instruction": ["Name a moon."], "seen": [when]}).save_to_disk(str(tmp_path / "hf"))
+    _, pool = run_import([tmp_path / "hf"], tmp_path / "out2")
+    assert json.loads(pool.column("meta")[0].as_py())["seen"].startswith("2024-05-01T12:30:00")
+
+
+def test_a_binary_column_stops_the_import_naming_it(tmp_path):
+    pq.write_table(pa.table({"instruction": ["Describe the image."], "image": [b"\x89PNG..."],
+                             "tags": [[b"a"]]}), tmp_path / "images.parquet")
+    with pytest.raises(PoolImportError, match=r"images.parquet: column\(s\) image \(binary\), tags \(list<element: "
+                                              r"binary>\) hold binary data"):
+        run_import([tmp_path / "images.parquet"], tmp_path / "out")
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(shared_data, tmp_path, capsys):
+    from pipeline.cli import main
+
+    taken = tmp_path / "pool.parquet"
+    taken.write_text("keep me")
+    code = main(["pool", "import", str(shared_data / "selfinstruct_seed_tasks.jsonl"), "--out", str(taken)])
+    assert code == 2 and taken.read_text() == "keep me"
+    assert f"{taken}: is a file; the output must be a directory" in capsys.readouterr().err
+
+
+def test_a_directory_import_reads_any_case_and_gzip_and_lists_what_it_skipped(tmp_path):
+    import gzip
+
+    source = tmp_path / "src"
+    (source / "nested").mkdir(parents=True)
+    (source / "a.JSONL").write_text(json.dumps({"instruction": "First of all, say hi."}) + "\n")
+    with gzip.open(source / "b.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"instruction": "Then, say goodbye."}) + "\n")
+    (source / "notes.txt").write_text("not a pool\n")
+    summary, pool = run_import([source], tmp_path / "out")
+    assert sorted(pool.column("instruction").to_pylist()) == ["First of all, say hi.", "Then, say goodbye."]
+    assert summary.skipped == [
+        {"path": str(source / "nested"), "why": "a subdirectory: name it as a source of its own"},
+        {"path": str(source / "notes.txt"), "why": "not a pool file (.jsonl, .json, .parquet, .jsonl.gz, .json.gz)"}]
+    assert "skipped 2 entries of source directories" in summary.text() and "notes.txt" in summary.text()
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["skipped"] == summary.skipped
+
+
+def test_a_utf8_bom_costs_no_row(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.jsonl").write_bytes(bom + json.dumps({"instruction": "Count to three."}).encode() + b"\n")
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps([{"instruction": "Count to four."}]).encode())
+    summary, pool = run_import([tmp_path / "bom.jsonl", tmp_path / "bom.json"], tmp_path / "out")
+    assert (summary.rows_out, summary.quarantined) == (2, Counter())
+
+
+def test_ids_must_be_non_empty_strings(tmp_path):
+    source = tmp_path / "ids.jsonl"
+    rows = [{"id": True, "instruction": "One."}, {"id": "", "instruction": "Two."},
+            {"id": "  ", "instruction": "Three."}, {"id": 7, "instruction": "Four."}, {"id": "x", "instruction": "Five."}]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary, pool = run_import([source], tmp_path / "out")
+    assert pool.column("id").to_pylist() == ["7", "x"]
+    assert summary.quarantined == Counter({"wrong_type": 1, "empty_id": 2})
+    assert quarantine(tmp_path / "out")[0]["detail"].startswith("'id' must be a non-empty string (or an integer), "
+                                                                "got bool")
+
+
+def test_auto_format_is_decided_per_record_and_a_problem_says_how_the_record_was_read(tmp_path):
+    source = tmp_path / "mixed.jsonl"
+    lines = [{"messages": [{"role": "user", "content": "Chat first."}]},
+             {"instruction": "Alpaca after it.", "output": "ok"},
+             {"messages": "not a list"}]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary, pool = run_import([source], tmp_path / "out")
+    assert pool.column("instruction").to_pylist() == ["Chat first.", "Alpaca after it."]
+    rejected = quarantine(tmp_path / "out")[0]
+    assert rejected["read_as"] == "chat (decided for this record: format auto)" and rejected["field"] == "messages"
+    run_import([source], tmp_path / "forced", format="alpaca")
+    assert {q["read_as"] for q in quarantine(tmp_path / "forced")} == {"alpaca (the import's format)"}
