@@ -1,19 +1,20 @@
 """The files in cluster/ are what Kubernetes, KubeRay and Ray's cluster launcher accept, sized to the config.
 
-Every schema comes from an installed package; none is written here and nothing is downloaded:
+Every schema comes from an installed package or the shared data beside the repo; none is written here and nothing
+is downloaded:
+- the RayJob and RayCluster whole: KubeRay v1.7.0's own CRDs (../shared/data/kuberay-crd/), their stored version's
+  openAPIV3Schema turned into JSON Schema, strictly (an unknown field is an error, as `kubectl --validate=strict`);
 - pod templates, the teacher's Deployment and Service: Kubernetes' own API schemas as JSON Schema, in their strict
   form (an unknown field is an error, as the API server's structural schemas make it), from kubernetes-validate;
 - the RayCluster spec (standalone and inside the RayJob): read by Ray's own KubeRay code, the autoscaler's
   translation of a RayCluster into node types, which checks its result against Ray's cluster schema;
 - the cluster-launcher YAML: ray/autoscaler/ray-schema.json from the ray wheel, and each EC2 node_config against
   botocore's model of the RunInstances request.
-No package on PyPI, npm or Debian ships KubeRay's CRD schema (cluster/README.md lists what was checked), so the
-KubeRay-only fields (entrypoint, rayStartParams, groupName, …) are checked by what Ray's reader and these tests
-need from them, not against the CRD.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shlex
@@ -28,6 +29,8 @@ import yaml
 from referencing import Registry, Resource
 
 from pipeline.config import load_config
+
+from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -99,6 +102,76 @@ def test_the_teacher_deployment_and_service_are_valid_kubernetes_objects():
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
         kinds.append(document["kind"])
     assert kinds == ["Deployment", "Service"]
+
+
+# --- KubeRay's own CRDs ------------------------------------------------------------------------------------
+
+KUBERAY_CRDS = SHARED_DATA / "kuberay-crd"
+
+
+def strict_json_schema(node):
+    """A CRD's structural OpenAPI v3 schema as JSON Schema, strict as the API server with strict field validation:
+    an object that lists its properties admits no other field unless it says x-kubernetes-preserve-unknown-fields;
+    int-or-string takes either; nullable admits null. CEL rules (x-kubernetes-validations) are not evaluated."""
+    if isinstance(node, list):
+        return [strict_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    schema = {key: strict_json_schema(value) for key, value in node.items()
+              if key not in ("nullable", "x-kubernetes-int-or-string")}
+    if node.get("x-kubernetes-int-or-string"):
+        schema.pop("type", None)
+        schema["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if node.get("nullable") and "type" in schema:
+        schema["type"] = [schema["type"], "null"]
+    if "properties" in node and "additionalProperties" not in node \
+            and not node.get("x-kubernetes-preserve-unknown-fields"):
+        schema["additionalProperties"] = False
+    return schema
+
+
+@functools.lru_cache(maxsize=None)
+def kuberay_validator(kind: str) -> tuple[str, jsonschema.Validator]:
+    """(apiVersion, validator) of the CRD's storage version for `kind` (RayJob, RayCluster)."""
+    crd = yaml.load((KUBERAY_CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=yaml.CSafeLoader)
+    assert crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
+    schema = strict_json_schema(version["schema"]["openAPIV3Schema"])
+    return f"{crd['spec']['group']}/{version['name']}", jsonschema.Draft202012Validator(schema)
+
+
+@pytest.mark.parametrize("name, kind", [("rayjob.yaml", "RayJob"), ("raycluster.yaml", "RayCluster")])
+def test_the_kuberay_manifests_pass_kuberays_own_crd_strictly(name, kind):
+    (document,) = documents(name)
+    api_version, validator = kuberay_validator(kind)
+    assert (document["apiVersion"], document["kind"]) == (api_version, kind)
+    assert schema_errors(validator, document) == []
+
+
+@pytest.mark.parametrize("mistake, error", [
+    (lambda job: job["spec"].__setitem__("shutdownAfterJobFinish", job["spec"].pop("shutdownAfterJobFinishes")),
+     "spec: Additional properties are not allowed ('shutdownAfterJobFinish' was unexpected)"),
+    (lambda job: job["spec"]["rayClusterSpec"]["headGroupSpec"].__setitem__("rayStartParam", {}),
+     "spec/rayClusterSpec/headGroupSpec: Additional properties are not allowed ('rayStartParam' was unexpected)"),
+    (lambda job: job["spec"].__setitem__("entrypoint", ["tapir", "run"]),
+     "spec/entrypoint: ['tapir', 'run'] is not of type 'string'"),
+    (lambda job: job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].__setitem__("replicas", "two"),
+     "spec/rayClusterSpec/workerGroupSpecs/0/replicas: 'two' is not of type 'integer'"),
+])
+def test_a_mistake_in_a_kuberay_only_field_is_rejected_by_the_crd(mistake, error):
+    job = copy.deepcopy(rayjob())
+    mistake(job)
+    assert error in schema_errors(kuberay_validator("RayJob")[1], job)
+
+
+def test_the_crd_conversion_is_strict_only_where_kubernetes_is():
+    schema = strict_json_schema({"type": "object", "properties": {
+        "port": {"x-kubernetes-int-or-string": True}, "labels": {"type": "object", "additionalProperties": {
+            "type": "string"}}, "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                                         "properties": {"a": {"type": "string"}}}}})
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid({"port": 8265, "labels": {"any": "x"}, "free": {"a": "b", "extra": 1}})
+    assert validator.is_valid({"port": "http"}) and not validator.is_valid({"prot": 1})
 
 
 def worker_template() -> dict:
