@@ -1,10 +1,12 @@
 """Starting a local Ray, or joining a cluster, as the run config says."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
 
+from pipeline import store
 from pipeline.config import RayConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -43,5 +45,12 @@ def run_limits(config: RunConfig, spent_before_usd: float = 0.0):
     from pipeline.llm.shared_limits import shared_limits
 
     budget = None if config.max_cost_usd is None else max(0.0, config.max_cost_usd - spent_before_usd)
-    return shared_limits(Path(config.storage.run_dir).name, [config.teacher, config.effective_judge],
-                         budget, config.ray.namespace)
+    return shared_limits(limits_key(config), [config.teacher, config.effective_judge], budget, config.ray.namespace)
+
+
+def limits_key(config: RunConfig) -> str:
+    """What the run's limits actor is named by: its run directory's full URI (hashed), so two runs whose
+    directories share their last component (a/local, b/local) never share an actor, a budget or its end; the
+    last component stays readable in `ray list actors`."""
+    uri = store.canonical_uri(config.storage.run_dir)
+    return f"{Path(uri).name}-{hashlib.blake2b(uri.encode(), digest_size=6).hexdigest()}"

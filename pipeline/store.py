@@ -63,10 +63,16 @@ class Location:
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
+def canonical_uri(uri: str) -> str:
+    """One spelling per directory, without touching storage: a local path made absolute, a URI without its
+    trailing slash."""
+    return uri.rstrip("/") if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
 def locate(uri: str, s3_endpoint_url: Optional[str] = None) -> Location:
     """Resolves a local path or a URI (s3://bucket/prefix) to a Location; credentials come from the env."""
     if "://" not in uri:
-        path = str(Path(uri).expanduser().resolve())
+        path = canonical_uri(uri)
         return Location(pafs.LocalFileSystem(), path, path)
     endpoint = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if uri.startswith("s3://") and endpoint:
