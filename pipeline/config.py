@@ -440,7 +440,7 @@ def _tree_problems(root: Optional[yaml.Node]) -> list[str]:
                 name = str(key.value)
                 line = key.start_mark.line + 1
                 if name in first_line and name != "<<":
-                    field = ".".join(path + (name,))
+                    field = _field_path(path + (name,))
                     problems.append(f"{field} (line {line}): duplicate key; it is also written on line "
                                     f"{first_line[name]}, and YAML would keep only the last one")
                 first_line.setdefault(name, line)
@@ -461,9 +461,14 @@ def _tree_problems(root: Optional[yaml.Node]) -> list[str]:
     return problems
 
 
+def _field_path(parts: tuple) -> str:
+    """A dotted key path for an error message, with any key that looks like a pasted credential hidden."""
+    return ".".join("***" if looks_like_key(part) else part for part in parts)
+
+
 def _describe(error: dict, lines: dict[tuple, int]) -> str:
     loc = tuple(str(part) for part in error["loc"])
-    field = ".".join(loc) or "(top level)"
+    field = _field_path(loc) or "(top level)"
     line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
     where = f" (line {line})" if line else ""
     message = error["msg"].removeprefix("Value error, ")

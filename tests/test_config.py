@@ -114,6 +114,11 @@ def test_a_key_pasted_into_api_key_env_is_refused_and_never_echoed(tmp_path, pas
     assert pasted not in message and pasted[4:12] not in message
 
 
+def test_a_key_pasted_as_a_key_name_is_not_quoted_back(tmp_path):
+    message = errors_of(tmp_path, "teacher:\n  sk-proj-AbCdEf0123456789xyz: 1\n")
+    assert "teacher.*** (line 2): unknown key" in message and "AbCdEf0123456789" not in message
+
+
 def test_api_key_env_must_be_a_variable_name(tmp_path):
     message = errors_of(tmp_path, "judge:\n  api_key_env: my key\n")
     assert "judge.api_key_env (line 2): must be the name of an environment variable" in message

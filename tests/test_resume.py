@@ -69,3 +69,11 @@ def test_tapir_run_refuses_the_resume_before_starting_anything_and_leaves_the_st
         rounds.run(config(tmp_path, judge={"kind": "remote", "base_url": "http://127.0.0.1:1/v1", "model": "j"}),
                    progress=False)
     assert json.loads((run_dir / "state.json").read_text()) == state
+
+
+def test_the_same_run_directory_spelled_another_way_is_the_same_run(tmp_path, monkeypatch):
+    first = config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    relative = RunConfig.model_validate({"storage": {"run_dir": "run"}})
+    assert check(state_after(first, {"0": ["score"]}), relative, config_hash(relative), "s") == {
+        "storage.run_dir": [str(tmp_path / "run"), "run"]}
