@@ -106,15 +106,19 @@ class Plan:
         found = []
         cap = f"at most {self.max_copies} copies of a row (curriculum.max_copies_per_row)"
         if len(self.indices) < self.rows_wanted:
-            found.append(f"planned {len(self.indices)} of {self.rows_wanted} rows: {self.hard_rows_available} hard "
-                         f"and {self.easy_rows_available} easy rows scored, {cap}")
+            found.append(f"planned {len(self.indices)} of {self.rows_wanted} rows: {_rows(self.hard_rows_available)} "
+                         f"scored hard and {_rows(self.easy_rows_available)} easy, {cap}")
         wanted_hard = round(self.hard_share_target * len(self.indices))
         if self.indices and self.hard_rows_planned != wanted_hard:
             side, count = (("hard", self.hard_rows_available) if self.hard_rows_planned < wanted_hard
                            else ("easy", self.easy_rows_available))
             found.append(f"hard share planned {self.hard_share_planned:.3f}, target {self.hard_share_target:.3f}: "
-                         f"only {count} {side} rows scored, {cap}")
+                         f"only {_rows(count)} scored {side}, {cap}")
         return found
+
+
+def _rows(count: int) -> str:
+    return f"{count} row" if count == 1 else f"{count} rows"
 
 
 def task_group(task: Optional[str], targets: dict[str, float]) -> str:

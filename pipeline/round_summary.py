@@ -23,6 +23,7 @@ def round_summary(config: RunConfig, round_index: int, stages: dict[str, dict]) 
         "hard_share": {"target": plan["hard_share_target"], "planned": plan["hard_share_planned"],
                        "training_set": train_set["hard_share"], "hard_rows_available": plan["hard_rows_available"],
                        "threshold": config.curriculum.mfd_threshold},
+        "plan_warnings": plan.get("warnings", []),          # absent from plans written before there were any
         "task_mix": {"target": {k: round(v, 4) for k, v in config.curriculum.task_targets.items()},
                      "scored": plan["task_mix_scored"], "training_set": train_set["task_mix"],
                      "tv_scored": plan["task_tv_scored"], "tv_planned": plan["task_tv_planned"],
@@ -66,6 +67,7 @@ def format_round_summary(summary: dict) -> str:
         f"  cost ${summary['cost_usd']['total']:.4f}; loss {_loss(summary['training']['first_loss'])} → "
         f"{_loss(summary['training']['final_loss'])}; model {summary['training']['model']}",
         "  wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["wall_s"].items() if v is not None),
+        *(f"  warning: {warning}" for warning in summary.get("plan_warnings", [])),
     ]
     return "\n".join(lines)
 

@@ -125,7 +125,7 @@ def test_one_hard_row_is_not_copied_past_the_cap_and_the_missed_hard_share_is_re
     assert len(plan.indices) == 48 and max(Counter(plan.indices).values()) <= 3
     assert (plan.hard_rows_planned, plan.easy_rows_planned) == (3, 45)
     assert plan.hard_share_target == 0.75 and plan.hard_share_planned == 0.062
-    assert plan.warnings() == ["hard share planned 0.062, target 0.750: only 1 hard rows scored, at most 3 copies "
+    assert plan.warnings() == ["hard share planned 0.062, target 0.750: only 1 row scored hard, at most 3 copies "
                                "of a row (curriculum.max_copies_per_row)"]
 
 
@@ -139,8 +139,8 @@ def test_a_thin_task_category_is_repeated_up_to_the_cap_and_the_rest_goes_to_the
 def test_a_pool_too_small_for_the_round_gives_a_shorter_plan_and_says_so():
     plan = plan_of(["Math", "Writing"], [2.0, 0.0], size=10)
     assert len(plan.indices) == 6 and set(Counter(plan.indices).values()) == {3}
-    assert plan.warnings()[0] == ("planned 6 of 10 rows: 1 hard and 1 easy rows scored, at most 3 copies of a row "
-                                  "(curriculum.max_copies_per_row)")
+    assert plan.warnings()[0] == ("planned 6 of 10 rows: 1 row scored hard and 1 row easy, at most 3 copies of a "
+                                  "row (curriculum.max_copies_per_row)")
 
 
 def test_legal_edge_cases_plan_without_crashing():
@@ -157,8 +157,8 @@ def test_legal_edge_cases_plan_without_crashing():
     # nothing scored ok: an empty plan, said so
     nothing = plan_of(tasks, [None] * 10, size=8)
     assert nothing.indices == [] and nothing.unscored_rows == 10 and nothing.hard_share_planned is None
-    assert nothing.warnings() == ["planned 0 of 8 rows: 0 hard and 0 easy rows scored, at most 3 copies of a row "
-                                  "(curriculum.max_copies_per_row)"]
+    assert nothing.warnings() == ["planned 0 of 8 rows: 0 rows scored hard and 0 rows easy, at most 3 copies of a "
+                                  "row (curriculum.max_copies_per_row)"]
 
 
 def test_rows_of_tasks_outside_the_targets_are_planned_as_others_and_counted():
@@ -194,7 +194,7 @@ def test_the_plan_manifest_reports_the_hard_share_planned_beside_the_target_with
     manifest = planning.plan(config, 0)
     assert (manifest["hard_share_target"], manifest["hard_share_planned"]) == (0.5, 0.375)
     assert manifest["max_copies_per_row"] == 3 and manifest["most_copies_of_a_row"] == 3
-    assert manifest["warnings"][0].startswith("hard share planned 0.375, target 0.500: only 1 hard rows")
+    assert manifest["warnings"][0].startswith("hard share planned 0.375, target 0.500: only 1 row scored hard")
     assert json.loads((tmp_path / "run/round_0/plan/_manifest.json").read_text())["warnings"] == manifest["warnings"]
 
 

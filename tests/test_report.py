@@ -33,7 +33,8 @@ def _stage_summaries(r: int) -> dict[str, dict]:
                  "hard_share_planned": 0.5 + 0.25 * r, "hard_rows_available": 4, "mfd": mfd_distribution(mfd),
                  "task_mix_scored": {"History": 5, "Math": 2, "Sport": 1},
                  "task_mix_planned": {"Math": 3, "History": 2, "Sport": 1},
-                 "task_tv_scored": 0.9, "task_tv_planned": 0.7},
+                 "task_tv_scored": 0.9, "task_tv_planned": 0.7,
+                 "warnings": ["hard share planned 0.500, target 0.750: only 1 row scored hard"] if r else []},
         "expand": {"requests": 4, "rows_kept": 2, "dropped": {"too_short": 2}, "cost_usd": 0.002, "tokens": tokens,
                    "wall_s": 10.0},
         "respond": {"rows_ok": 4, "failed": {}, "cut_off": 0, "cost_usd": 0.005, "tokens": tokens, "wall_s": 5.0},
@@ -107,6 +108,7 @@ def test_a_finished_run_gets_a_page_and_markdown_with_every_plot(tmp_path):
         assert "status: finished" in text and "rounds finished: 2 of 2" in text and "spent: $0.0540" in text
         assert "== round 0 ==" in text and "== round 1 ==" in text
         assert "pool 8 → scored 8 → planned 6" in text       # format_round_summary's lines
+        assert text.count("warning: hard share planned 0.500, target 0.750: only 1 row scored hard") == 1
         assert NO_EVALUATION in text
     assert "tapir eval compare CONFIG" in markdown
 
