@@ -391,11 +391,11 @@ def load_config(path: str | os.PathLike) -> RunConfig:
     except OSError as err:
         raise ConfigError(path, [f"cannot read the file: {err.strerror}"]) from None
     try:
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=_Loader)
         problems = _tree_problems(root)
         if problems:
             raise ConfigError(path, problems)
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
@@ -409,6 +409,15 @@ def load_config(path: str | os.PathLike) -> RunConfig:
     except ValidationError as err:
         lines = _yaml_lines(root)
         raise ConfigError(path, [_describe(e, lines) for e in err.errors()]) from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, reading 2e-5 as the number YAML 1.2 (and everyone writing a learning rate) means:
+    1.1 wants a dot (2.0e-5) and gives the string "2e-5", which strict types then refuse."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
 
 
 # A config holds a few hundred values. Aliases may repeat a section, but twelve lines of aliases of aliases

@@ -75,6 +75,11 @@ def test_task_targets_default_to_the_32_published_categories_and_are_normalised(
         load_config(write(tmp_path, "curriculum:\n  task_targets: {Math: 0.5, Code: 0.2}\n"))
 
 
+def test_numbers_in_exponent_form_without_a_dot_are_numbers(tmp_path):
+    config = load_config(write(tmp_path, "training:\n  learning_rate: 2e-5\nmax_cost_usd: 5E+1\n"))
+    assert (config.training.learning_rate, config.max_cost_usd) == (2e-5, 50.0)
+
+
 def test_judge_defaults_to_the_teacher(tmp_path):
     config = load_config(write(tmp_path, ""))
     assert config.effective_judge is config.teacher
