@@ -14,6 +14,7 @@ import importlib.resources
 import json
 import logging
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,7 +321,7 @@ def source_files(source: str, fmt: str, skipped: Optional[list[dict]] = None) ->
     return [(path, fmt)]
 
 
-def _records(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Record]:
+def _reader(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Record]:
     if fmt == "hf":
         return _read_hf(path, id_column)
     if fmt == "parquet":
@@ -330,6 +331,13 @@ def _records(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Record]
     if head.startswith(b"["):
         return _read_json_array(path, fmt, id_column)
     return _read_jsonl(path, fmt, id_column)
+
+
+def _records(path: Path, fmt: str, id_column: Optional[str]) -> Iterator[Record]:
+    try:
+        yield from _reader(path, fmt, id_column)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:     # only gzip's reader raises these here
+        raise PoolImportError(f"{path}: not a readable gzip file ({err or type(err).__name__})") from None
 
 
 # ---------------------------------------------------------------- writing the pool

@@ -245,6 +245,18 @@ def test_a_directory_import_reads_any_case_and_gzip_and_lists_what_it_skipped(tm
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["skipped"] == summary.skipped
 
 
+def test_a_broken_gzip_file_stops_the_import_naming_it(tmp_path):
+    import gzip
+
+    whole = gzip.compress(b"".join(json.dumps({"instruction": f"Row {i} here."}).encode() + b"\n" for i in range(500)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(PoolImportError, match=r"cut.jsonl.gz: not a readable gzip file"):
+        run_import([tmp_path / "cut.jsonl.gz"], tmp_path / "out1")
+    (tmp_path / "plain.jsonl.gz").write_text('{"instruction": "not gzipped"}\n')
+    with pytest.raises(PoolImportError, match=r"plain.jsonl.gz: not a readable gzip file"):
+        run_import([tmp_path / "plain.jsonl.gz"], tmp_path / "out2")
+
+
 def test_a_utf8_bom_costs_no_row(tmp_path):
     bom = b"\xef\xbb\xbf"
     (tmp_path / "bom.jsonl").write_bytes(bom + json.dumps({"instruction": "Count to three."}).encode() + b"\n")
