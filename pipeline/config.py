@@ -155,8 +155,24 @@ class EndpointConfig(Section):
     requests_per_minute: int = Field(600, gt=0)
     tokens_per_minute: int = Field(1_000_000, gt=0)
     max_concurrency: int = Field(16, gt=0, description="Requests in flight per worker process.")
-    timeout_s: float = Field(120, gt=0, description="Per-request timeout.")
+    timeout_s: float = Field(600, gt=0, description=(
+        "Per-request timeout. Long, because a request given up on may still be generated and billed: it is "
+        "counted at its worst case, and a short timeout against slow generations pays for rows it then fails."))
+    retry_timeouts: bool = Field(False, description=(
+        "Send a timed-out request again. Off: the row fails as 'timeout' (its worst case counted), since the "
+        "server may have answered and billed it and a retry would pay for the row twice."))
     max_attempts: int = Field(6, gt=0, description="Attempts per request before the row is marked failed.")
+    tokens_counted_as: Literal["requested", "used"] = Field("requested", description=(
+        "How the server counts a request against tokens_per_minute. 'requested' (OpenAI): the larger of "
+        "max_tokens and the prompt's estimate, held for the whole minute whatever the reply used. 'used': the "
+        "tokens the reply reports (a server that counts usage, e.g. a self-hosted proxy); the booking shrinks to "
+        "it once answered."))
+    max_pause_s: float = Field(300, gt=0, description=(
+        "Longest pause a 429's Retry-After or exhausted x-ratelimit headers may impose. A longer one is logged "
+        "and the rows waiting on it fail as 'rate_limited' instead of stalling the run."))
+    max_connection_failures: int = Field(20, gt=0, description=(
+        "Consecutive connection failures (refused, unreachable), counted across every worker, after which the "
+        "stage stops with an error naming base_url. The same command continues once the endpoint is back."))
     price: PriceConfig = PriceConfig()
     local: LocalServerConfig = LocalServerConfig()
 

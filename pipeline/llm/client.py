@@ -2,11 +2,18 @@
 
 One aiohttp session per client (connection reuse), a timeout per request, and for each request:
 a lease from the run's shared limits (requests/min, tokens/min, budget), then the call; a 429 pauses every
-worker of the endpoint for its Retry-After; 408/409/5xx, timeouts, resets, truncated and unparseable
-bodies are retried with exponential backoff and jitter; any other 4xx fails at once with the server's
-message. After `max_attempts` the request fails with its last reason: the caller marks the row, it is
-never dropped and never retried forever. The API key is kept in a Secret: it is in no repr, exception
-or log line.
+worker of the endpoint for its Retry-After (a pause longer than `max_pause_s` is logged and fails the
+request as 'rate_limited' instead); 408/409/5xx, resets, truncated and unparseable bodies are retried with
+exponential backoff and jitter; a timeout is retried only with `retry_timeouts` (the server may have billed
+it); any other 4xx fails at once with the server's message. After `max_attempts` the request fails with its
+last reason: the caller marks the row, it is never dropped and never retried forever. After
+`max_connection_failures` consecutive connection failures of the endpoint (any worker) every request
+raises EndpointError naming the URL.
+
+Money is never under-counted: an attempt whose usage is unknown (a timeout, a reset after the request was
+sent, a cut-off body) and a reply without `usage` are booked at their worst case (prompt estimate +
+max_tokens) and counted as `usage_estimated`; an attempt that never connected costs nothing. The API key
+is kept in a Secret: it is in no repr, exception or log line.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Any, Optional, Union
 import aiohttp
 
 from pipeline.config import EndpointConfig
-from pipeline.llm.limits import BudgetExceeded
+from pipeline.llm.limits import BudgetExceeded, EndpointDown, Outcome, PausedTooLong
 from pipeline.llm.secret import Secret
 from pipeline.llm.shared_limits import Limits, endpoint_key
 
@@ -68,6 +75,7 @@ class ChatReply:
     prompt_tokens: int
     completion_tokens: int
     attempts: int
+    usage_estimated: bool = False           # the server reported no usage: the tokens are the worst case
 
 
 def estimate_prompt_tokens(messages: list[dict]) -> int:
@@ -98,25 +106,32 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def parse_reset(value: Optional[str]) -> Optional[float]:
-    """Seconds from an x-ratelimit-reset-* header: '20ms', '1s', '6m0s', or a plain number of seconds."""
+_EPOCH_AFTER_S = 1e9         # a plain number this large is a Unix time (2001 on), not a duration
+
+
+def parse_reset(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds from an x-ratelimit-reset-* header: '20ms', '1s', '6m0s', a plain number of seconds, or a Unix
+    time. Any other form is ignored with a warning (None)."""
     if not value:
         return None
     if (seconds := _plain_seconds(value)) is not None:
+        if seconds >= _EPOCH_AFTER_S:
+            return max(0.0, seconds - (now if now is not None else time.time()))
         return seconds
-    parts = _DURATION.findall(value)
-    return sum(float(n) * _UNIT_S[unit] for n, unit in parts) if parts else None
+    if re.fullmatch(f"(?:{_DURATION.pattern})+", value.strip()):
+        return sum(float(n) * _UNIT_S[unit] for n, unit in _DURATION.findall(value))
+    log.warning("ignoring a rate-limit reset header in a form not understood: %r", value[:64])
+    return None
 
 
-def exhausted_for(headers) -> Optional[float]:
-    """How long the rate-limit headers say no request can succeed (remaining 0), if they say so."""
-    waits = []
-    for kind in ("requests", "tokens"):
-        remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-        if remaining is not None and remaining.strip() in ("0", "0.0"):
-            reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
-            waits.append(reset if reset is not None else 1.0)
-    return max(waits) if waits else None
+def exhausted_for(headers, kind: str) -> Optional[float]:
+    """How long the rate-limit headers of `kind` (requests, tokens) say no request can succeed (remaining 0),
+    if they say so."""
+    remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+    if remaining is None or remaining.strip() not in ("0", "0.0"):
+        return None
+    reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}"))
+    return reset if reset is not None else 1.0
 
 
 def backoff_s(attempt: int) -> float:
@@ -126,9 +141,12 @@ def backoff_s(attempt: int) -> float:
 
 
 class _Transient(Exception):
-    def __init__(self, reason: str, detail: str, status: Optional[int] = None, wait_s: Optional[float] = None):
+    """A failed attempt; `final`: sending it again would not help, or could pay for it twice."""
+
+    def __init__(self, reason: str, detail: str, status: Optional[int] = None, wait_s: Optional[float] = None,
+                 final: bool = False):
         super().__init__(detail)
-        self.reason, self.detail, self.status, self.wait_s = reason, detail, status, wait_s
+        self.reason, self.detail, self.status, self.wait_s, self.final = reason, detail, status, wait_s, final
 
 
 class ChatClient:
@@ -148,6 +166,7 @@ class ChatClient:
         self._session: Optional[aiohttp.ClientSession] = None
         self._in_flight = asyncio.Semaphore(endpoint.max_concurrency)
         self._structured = True
+        self._warned_no_usage = False
 
     def __repr__(self) -> str:
         return f"ChatClient(url={self.url!r}, model={self.model!r})"
@@ -176,44 +195,71 @@ class ChatClient:
         """One request, retried as the module doc says. Raises RequestFailed, EndpointError or BudgetExceeded."""
         if self._session is None:
             raise RuntimeError("use the client inside `async with`")
-        estimate = estimate_prompt_tokens(request.messages) + request.max_tokens
+        prompt_estimate = estimate_prompt_tokens(request.messages)
         last: Optional[_Transient] = None
         for attempt in range(1, self.config.max_attempts + 1):
             try:
                 async with self._in_flight:
-                    return await self._attempt(request, estimate, attempt)
+                    return await self._attempt(request, prompt_estimate, attempt)
             except _Transient as transient:
                 last = transient
-                if attempt == self.config.max_attempts:
-                    break
-                if transient.status == 429:
+                if transient.status == 429 and not transient.final:
+                    # every worker of this endpoint waits, whether or not this request is tried again
                     wait = transient.wait_s if transient.wait_s is not None else backoff_s(attempt)
-                    await self.limits.pause_for(self.limits_key, wait)   # every worker of this endpoint waits
-                else:
+                    await self.limits.pause_for(self.limits_key, wait)
+                if attempt == self.config.max_attempts or transient.final:
+                    break
+                if transient.status != 429:          # after a 429 the lease waits out the pause
                     await asyncio.sleep(backoff_s(attempt))
-        raise RequestFailed(last.reason, last.detail, self.config.max_attempts, last.status)
+        raise RequestFailed(last.reason, last.detail, attempt, last.status)
 
-    async def _attempt(self, request: ChatRequest, estimate: int, attempt: int) -> ChatReply:
-        reservation = await self.limits.reserve(self.limits_key, estimate, request.max_tokens)
-        prompt_tokens = completion_tokens = 0
-        ok = rate_limited = False
+    async def _pause_too_long(self, seconds: float, header: str) -> bool:
+        """A pause past max_pause_s is logged and kept (every worker's requests then fail as rate_limited)."""
+        if seconds <= self.config.max_pause_s:
+            return False
+        log.warning("%s asked for a pause of %.0f s (%s), longer than max_pause_s=%g: the rows waiting on it "
+                    "fail as rate_limited", self.url, seconds, header, self.config.max_pause_s)
+        await self.limits.pause_for(self.limits_key, seconds)
+        return True
+
+    async def _attempt(self, request: ChatRequest, prompt_estimate: int, attempt: int) -> ChatReply:
+        try:
+            reservation = await self.limits.reserve(self.limits_key, prompt_estimate, request.max_tokens)
+        except PausedTooLong as err:
+            raise _Transient("rate_limited", f"{self.url}: {err}", 429, final=True) from None
+        except EndpointDown as err:
+            raise EndpointError(f"{self.url} is not reachable ({err}); start it or correct base_url, then run "
+                                f"the same command again") from None
+        worst = (prompt_estimate, request.max_tokens)
+        outcome: Outcome = "unknown"           # until the server's answer says otherwise
+        billed = worst
         try:
             try:
                 async with self._session.post(self.url, json=self._body(request)) as response:
                     status, headers = response.status, response.headers
                     text = await response.text()
             except asyncio.TimeoutError:
-                raise _Transient("timeout", f"no answer within {self.config.timeout_s:.0f} s") from None
+                raise _Transient("timeout", f"no answer within {self.config.timeout_s:.0f} s",
+                                 final=not self.config.retry_timeouts) from None
             except aiohttp.ClientPayloadError as err:
                 raise _Transient("truncated", f"the response body was cut off ({err})") from None
+            except aiohttp.ClientConnectorError as err:
+                outcome, billed = "unreached", (0, 0)
+                raise _Transient("connection", f"{type(err).__name__}: {err}") from None
             except aiohttp.ClientError as err:
                 raise _Transient("connection", f"{type(err).__name__}: {err}") from None
-            if (pause := exhausted_for(headers)) is not None:
-                await self.limits.pause_for(self.limits_key, pause)
+            outcome, billed = "failed", (0, 0)
+            for kind in ("requests", "tokens"):
+                if (pause := exhausted_for(headers, kind)) is not None:
+                    if not await self._pause_too_long(pause, f"x-ratelimit-reset-{kind}: "
+                                                             f"{headers.get(f'x-ratelimit-reset-{kind}')}"):
+                        await self.limits.pause_for(self.limits_key, pause)
             if status == 429:
-                rate_limited = True
-                raise _Transient("rate_limited", f"429: {text[:_ERROR_BODY_CHARS]}", 429,
-                                 parse_retry_after(headers.get("Retry-After")))
+                outcome = "rate_limited"
+                retry_after = headers.get("Retry-After")
+                wait = parse_retry_after(retry_after)
+                too_long = wait is not None and await self._pause_too_long(wait, f"Retry-After: {retry_after}")
+                raise _Transient("rate_limited", f"429: {text[:_ERROR_BODY_CHARS]}", 429, wait, final=too_long)
             if status in _RETRYABLE_STATUS or status >= 500:
                 raise _Transient(f"http_{status}", f"{status}: {text[:_ERROR_BODY_CHARS]}", status)
             if status == 400 and self._structured and request.json_schema is not None and "response_format" in text:
@@ -225,12 +271,16 @@ class ChatClient:
                                     f"model and ${self.config.api_key_env})", status)
             if status != 200:
                 raise RequestFailed(f"http_{status}", f"{status}: {text[:_ERROR_BODY_CHARS]}", attempt, status)
-            reply = _parse_completion(text, attempt)
-            prompt_tokens, completion_tokens, ok = reply.prompt_tokens, reply.completion_tokens, True
+            reply = _parse_completion(text, attempt, worst)
+            if reply.usage_estimated and not self._warned_no_usage:
+                log.warning("%s answered without usage: such replies are counted at their worst case "
+                            "(prompt estimate + max_tokens)", self.url)
+                self._warned_no_usage = True
+            outcome = "estimated" if reply.usage_estimated else "ok"
+            billed = (reply.prompt_tokens, reply.completion_tokens)
             return reply
         finally:
-            await self.limits.settle(self.limits_key, reservation, request.stage, prompt_tokens,
-                                     completion_tokens, ok, rate_limited)
+            await self.limits.settle(self.limits_key, reservation, request.stage, outcome, *billed)
 
     async def complete_all(self, requests: list[ChatRequest]) -> list[Union[ChatReply, RequestFailed]]:
         """All requests concurrently; each gets its reply or the reason it failed, in order.
@@ -265,14 +315,17 @@ class BudgetExceededWithResults(BudgetExceeded):
         self.results = results
 
 
-def _parse_completion(text: str, attempt: int) -> ChatReply:
+def _parse_completion(text: str, attempt: int, worst: tuple[int, int]) -> ChatReply:
+    """`worst`: (prompt, completion) tokens to bill when the reply reports no usage."""
     try:
         data = json.loads(text)
         choice = data["choices"][0]
         usage = data.get("usage") or {}
+        reported = "prompt_tokens" in usage and "completion_tokens" in usage
+        prompt, completion = (int(usage["prompt_tokens"]), int(usage["completion_tokens"])) if reported else worst
         return ChatReply(content=choice["message"]["content"] or "", finish_reason=choice.get("finish_reason"),
-                         prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                         completion_tokens=int(usage.get("completion_tokens", 0)), attempts=attempt)
+                         prompt_tokens=prompt, completion_tokens=completion, attempts=attempt,
+                         usage_estimated=not reported)
     except (ValueError, KeyError, IndexError, TypeError) as err:
         raise _Transient("bad_response", f"not a chat completion ({type(err).__name__}): "
                          f"{text[:_ERROR_BODY_CHARS]}") from None

@@ -1,11 +1,25 @@
 """An OpenAI-compatible chat server on loopback that behaves like a paid API, for tests and benchmarks.
 
-It enforces requests and tokens per minute over a strict sliding 60-second window (429 with
-Retry-After and x-ratelimit-* headers), charges the tokens it reports in `usage`, adds latency, and
-injects faults at configured rates: 500, 503, timeouts (no answer), connection resets, truncated bodies
-and non-JSON bodies. It answers structured-output requests (response_format json_schema) with JSON that
-matches the schema, deterministically from the prompt. Everything it served is counted, so a test can
-check that no paid call was lost or repeated.
+It enforces requests and tokens per minute (429 with Retry-After and x-ratelimit-* headers) as a chosen
+real server does:
+
+- `enforcement`: 'sliding_minute', a strict sliding 60-second window; 'slices', that window and also a
+  minute's limit / 60 per `slice_s` slice of the clock (OpenAI: "60,000 requests/minute may be enforced as
+  1,000 requests/second"); 'token_bucket', buckets of a minute's limit refilled continuously (Anthropic's
+  documented model).
+- `count_rejected`: a rejected request counts toward the limit as well (OpenAI: "unsuccessful requests
+  contribute to your per-minute limit").
+- `tokens_counted_as`: 'used' charges the tokens the reply uses; 'requested' charges the larger of
+  max_tokens and the prompt's tokens, held for the minute (OpenAI's rule).
+- `retry_after_s` replaces every 429's Retry-After (say a huge one); `reset_form` 'epoch' sends the
+  x-ratelimit-reset-* headers as a Unix time instead of a duration.
+
+It charges the tokens it reports in `usage`, adds latency, and injects faults at configured rates: 500, 503,
+timeouts (no answer), slow answers (answered and billed after `hang_s`, past a client's timeout), replies
+without `usage`, connection resets, truncated bodies and non-JSON bodies; `stop_listening()` refuses
+connections until `listen_again()`. It answers structured-output requests (response_format json_schema)
+with JSON that matches the schema, deterministically from the prompt. Everything it served is counted, so a
+test can check that no paid call was lost or repeated.
 """
 from __future__ import annotations
 
@@ -18,7 +32,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from aiohttp import web
 
@@ -35,10 +49,12 @@ class Faults:
     reset: float = 0.0            # the connection is closed without an answer
     truncated: float = 0.0        # 200 whose body is cut off
     non_json: float = 0.0         # 200 with an HTML error page
+    slow: float = 0.0             # answered (and billed) only after hang_s
+    no_usage: float = 0.0         # 200 without `usage`, billed all the same
 
     def pick(self, rng: random.Random) -> Optional[str]:
         roll = rng.random()
-        for name in ("server_error", "unavailable", "timeout", "reset", "truncated", "non_json"):
+        for name in ("server_error", "unavailable", "timeout", "reset", "truncated", "non_json", "slow", "no_usage"):
             roll -= getattr(self, name)
             if roll < 0:
                 return name
@@ -56,6 +72,7 @@ class ServerStats:
     prompt_tokens_charged: int = 0
     completion_tokens_charged: int = 0
     answered_at: list = field(default_factory=list)    # (monotonic time, tokens) of each answered request
+    arrivals: list = field(default_factory=list)       # (monotonic time, first message, status) of each request
 
     def billed_usd(self, input_per_million_usd: float, output_per_million_usd: float) -> float:
         """What a paid API at these prices would have billed for every answered request: the client's own
@@ -104,8 +121,16 @@ class EmulatedAPI:
 
     def __init__(self, requests_per_minute: int = 10_000, tokens_per_minute: int = 10_000_000,
                  latency_s: float = 0.0, latency_jitter_s: float = 0.0, faults: Optional[Faults] = None,
-                 api_key: str = "test-key", hang_s: float = 3600.0, seed: int = 0, reply=default_reply):
+                 api_key: str = "test-key", hang_s: float = 3600.0, seed: int = 0, reply=default_reply,
+                 enforcement: Literal["sliding_minute", "slices", "token_bucket"] = "sliding_minute",
+                 slice_s: float = 1.0, count_rejected: bool = False,
+                 tokens_counted_as: Literal["used", "requested"] = "used", retry_after_s: Optional[float] = None,
+                 reset_form: Literal["duration", "epoch"] = "duration", clock=time.monotonic):
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
+        self.enforcement, self.slice_s, self.count_rejected = enforcement, slice_s, count_rejected
+        self.tokens_counted_as, self.retry_after_s, self.reset_form = tokens_counted_as, retry_after_s, reset_form
+        self.clock = clock           # a test can hold the server's time still
+        self._buckets = [float(requests_per_minute), float(tokens_per_minute), clock()]
         self.latency_s, self.latency_jitter_s = latency_s, latency_jitter_s
         self.faults = faults or Faults()
         self.api_key = api_key
@@ -115,6 +140,7 @@ class EmulatedAPI:
         self._rng = random.Random(seed)
         self._window: collections.deque = collections.deque()    # (time, tokens) of accepted requests
         self._runner: Optional[web.AppRunner] = None
+        self._site: Optional[web.TCPSite] = None
         self.port: Optional[int] = None
 
     @property
@@ -126,10 +152,18 @@ class EmulatedAPI:
         app.router.add_post("/v1/chat/completions", self._chat)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await self._site.start()
+        self.port = self._site._server.sockets[0].getsockname()[1]
         return self
+
+    async def stop_listening(self) -> None:
+        """The endpoint goes down: connections to its port are refused."""
+        await self._site.stop()
+
+    async def listen_again(self) -> None:
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await self._site.start()
 
     async def __aexit__(self, *exc) -> None:
         await self._runner.cleanup()
@@ -162,10 +196,47 @@ class EmulatedAPI:
     def _limit_headers(self, now: float) -> dict:
         requests, tokens = self._usage_in_window(now)
         reset = (self._window[0][0] + _WINDOW_S - now) if self._window else 0.0
+        reset_text = f"{time.time() + reset:.0f}" if self.reset_form == "epoch" else f"{reset:.3f}s"
         return {"x-ratelimit-limit-requests": str(self.rpm), "x-ratelimit-limit-tokens": str(self.tpm),
                 "x-ratelimit-remaining-requests": str(max(0, self.rpm - requests)),
                 "x-ratelimit-remaining-tokens": str(max(0, self.tpm - tokens)),
-                "x-ratelimit-reset-requests": f"{reset:.3f}s", "x-ratelimit-reset-tokens": f"{reset:.3f}s"}
+                "x-ratelimit-reset-requests": reset_text, "x-ratelimit-reset-tokens": reset_text}
+
+    def _slice_limits(self) -> tuple[float, float]:
+        share = self.slice_s / _WINDOW_S
+        return max(1.0, float(int(self.rpm * share))), max(1.0, float(int(self.tpm * share)))
+
+    def _admit_wait(self, now: float, tokens: int) -> float:
+        """0 when a request of `tokens` may be served now, else the seconds until it could be."""
+        if self.enforcement == "token_bucket":
+            requests, bucket_tokens, _ = self._refilled(now)
+            short = max((1 - requests) / (self.rpm / _WINDOW_S), (tokens - bucket_tokens) / (self.tpm / _WINDOW_S))
+            return max(0.0, short) if requests < 1 or bucket_tokens < min(tokens, self.tpm) else 0.0
+        requests_used, tokens_used = self._usage_in_window(now)
+        wait = self._retry_after(now, tokens) if (requests_used + 1 > self.rpm or tokens_used + tokens > self.tpm) \
+            else 0.0
+        if self.enforcement == "slices":
+            slice_start = now - now % self.slice_s
+            inside = [charged for at, charged in self._window if at >= slice_start]
+            max_requests, max_tokens = self._slice_limits()
+            if inside and (len(inside) + 1 > max_requests or sum(inside) + tokens > max_tokens):
+                wait = max(wait, slice_start + self.slice_s - now)
+        return wait
+
+    def _refilled(self, now: float) -> list:
+        """The token buckets, refilled up to a minute's limit for the time since they were last looked at."""
+        requests, tokens, then = self._buckets
+        elapsed = now - then
+        self._buckets = [min(self.rpm, requests + elapsed * self.rpm / _WINDOW_S),
+                         min(self.tpm, tokens + elapsed * self.tpm / _WINDOW_S), now]
+        return self._buckets
+
+    def _count(self, now: float, tokens: int) -> None:
+        """Counts a request against the limits."""
+        self._window.append((now, tokens))
+        if self.enforcement == "token_bucket":
+            requests, bucket_tokens, _ = self._refilled(now)
+            self._buckets[:2] = [max(0.0, requests - 1), max(0.0, bucket_tokens - tokens)]
 
     def _retry_after(self, now: float, tokens: int) -> float:
         """Seconds until the window has room for one more request of `tokens`."""
@@ -190,34 +261,45 @@ class EmulatedAPI:
             return web.json_response({"error": {"message": "body must be JSON with 'messages'"}}, status=400)
         content = self.reply(body)
         prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in messages)
-        completion_tokens = count_tokens(content)
+        completion_tokens = min(count_tokens(content), int(body.get("max_tokens") or 10**9))   # billed at most
         tokens = prompt_tokens + completion_tokens
-        now = time.monotonic()
-        requests_used, tokens_used = self._usage_in_window(now)
-        if requests_used + 1 > self.rpm or tokens_used + tokens > self.tpm:
+        charged = max(int(body.get("max_tokens") or 0), prompt_tokens) if self.tokens_counted_as == "requested" \
+            else tokens
+        now = self.clock()
+        first = str(messages[0].get("content", "")) if messages else ""
+        if (wait := self._admit_wait(now, charged)) > 0:
             self.stats.rate_limited += 1
-            wait = self._retry_after(now, tokens)
-            headers = {**self._limit_headers(now), "Retry-After": f"{wait:.3f}"}
+            self.stats.arrivals.append((now, first, 429))
+            if self.count_rejected:
+                self._count(now, charged if self.tokens_counted_as == "requested" else 0)
+            retry_after = self.retry_after_s if self.retry_after_s is not None else max(wait, 0.001)
+            headers = {**self._limit_headers(now), "Retry-After": f"{retry_after:.3f}"}
             return web.json_response({"error": {"message": "Rate limit reached", "type": "rate_limit"}},
                                      status=429, headers=headers)
+        self.stats.arrivals.append((now, first, 200))
+        self._count(now, charged)              # on arrival: requests that arrive meanwhile see it
         fault = self.faults.pick(self._rng)
-        if fault != "timeout":
+        if fault not in ("timeout", "slow"):
             await asyncio.sleep(self.latency_s + self._rng.uniform(0, self.latency_jitter_s))
-        if fault is not None:
+        if fault not in (None, "slow", "no_usage"):
             self.stats.faults[fault] += 1
             return await self._fault(fault, request)
-        self._window.append((now, tokens))
+        if fault is not None:
+            self.stats.faults[fault] += 1
+        if fault == "slow":
+            await asyncio.sleep(self.hang_s)         # generated and billed even when the client gave up waiting
         self.stats.answered += 1
         self.stats.tokens_charged += tokens
         self.stats.prompt_tokens_charged += prompt_tokens
         self.stats.completion_tokens_charged += completion_tokens
         self.stats.answered_prompts[json.dumps(messages, sort_keys=True)] += 1
         self.stats.answered_at.append((now, tokens))
+        usage = {} if fault == "no_usage" else {"usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": tokens}}
         return web.json_response({
             "id": f"chatcmpl-{self.stats.answered}", "object": "chat.completion", "model": body.get("model"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": tokens}}, headers=self._limit_headers(now))
+            **usage}, headers=self._limit_headers(now))
 
     async def _fault(self, fault: str, request: web.Request) -> web.StreamResponse:
         if fault == "server_error":

@@ -2,18 +2,32 @@
 
 The limits mirror how a paid API counts: a sliding window of the last minute, in which the requests and
 the tokens sent may not pass the limit. Each request is booked at the earliest time the window has room
-for it, so a client that starts requests at their booked times never makes the server answer 429, and
-uses the whole allowance (a fresh minute at once, then as it frees). The client's window is one second
-longer than the server's, a margin for the time a request takes to arrive.
+for it, up to BOOK_AHEAD_S before it starts, so a client that starts requests at their booked times never
+makes such a server answer 429 and uses the whole allowance (a fresh minute at once, then as it frees). The
+client's window is one second longer than the server's, a margin for the time a request takes to arrive.
 
-A request's tokens are not known until it is answered: it is booked as prompt estimate + max_tokens and
-corrected to the usage the server reports. Requests are booked at most a moment ahead of their start,
-so the corrections of finished requests free room for the next ones; a request that cannot start soon
-is told when to ask again. A 429 or exhausted rate-limit headers pause every request of the endpoint
-until the time the server gives.
+What a request holds of the minute's tokens follows the endpoint's `tokens_counted_as`: 'requested' (OpenAI's
+rule) books the larger of max_tokens and the prompt's estimate and keeps it for the minute, answered or not;
+'used' books prompt estimate + max_tokens and shrinks it to the usage the server reports. A request that was
+rejected or failed still counts as one of the minute's requests, as OpenAI counts it; one that never reached
+the server (connection refused) counts for nothing.
 
-The budget is the run's, across all its endpoints: a request is refused when its worst-case cost, added
-to what was spent and what is in flight, would pass max_cost_usd.
+A server may enforce a per-minute limit in shorter slices (OpenAI: "60,000 requests/minute may be enforced as
+1,000 requests/second"). A 429 means the server counts otherwise than the books, since every request was sent
+at a time they had room for it: from the first one on, the endpoint is also paced, no more than a minute's
+limit / 60 in any SLICE_S (requests and tokens). Against a plain sliding minute no 429 comes, and the fresh
+minute is used at once.
+
+A 429 or exhausted rate-limit headers pause every request of the endpoint until the time the server gives;
+a pause longer than the endpoint's max_pause_s refuses the requests instead (PausedTooLong). After
+max_connection_failures consecutive connection failures the endpoint refuses every request (EndpointDown).
+
+The budget is the run's, across all its endpoints and all the commands run on its directory: a request is
+refused when its worst-case cost, added to what was spent before (`spent_before_usd`), what was spent since
+and what is in flight, would pass max_cost_usd. A request whose usage is unknown (no `usage` in the reply, a
+timeout, a reset, a cut-off body) is counted at its worst case. `record` is told the spend, settled and in
+flight, whenever the worst case of what was spent grows: the caller persists it, so a run killed with SIGKILL
+restarts from an amount it cannot have passed.
 
 The same object runs in-process (one worker) or inside a named Ray actor (a whole cluster); callers
 pass `now` so it can be tested with a made-up clock.
@@ -22,16 +36,30 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Literal, Optional
 
-from pipeline.config import PriceConfig
+from pipeline.config import EndpointConfig, PriceConfig
 
 WINDOW_S = 61.0          # the server's minute, plus a second for a request to reach it
 BOOK_AHEAD_S = 1.0       # a request is booked at most this long before it may start
+SLICE_S = 1.05           # a paced endpoint's slice: a second, plus a margin for arrival jitter
+
+# How an attempt ended, for the books: 'ok' answered with usage; 'estimated' answered without usage;
+# 'unknown' given up on or cut off (timeout, reset, truncated body: the server may have billed it);
+# 'rate_limited' a 429; 'failed' any other answer the server does not bill; 'unreached' never connected.
+Outcome = Literal["ok", "estimated", "unknown", "rate_limited", "failed", "unreached"]
 
 
 class BudgetExceeded(RuntimeError):
     """Sending the next request could take the run's API cost past max_cost_usd."""
+
+
+class PausedTooLong(RuntimeError):
+    """The server asked for a pause longer than the endpoint's max_pause_s."""
+
+
+class EndpointDown(RuntimeError):
+    """Too many consecutive connection failures: the endpoint is not reachable."""
 
 
 def cost_usd(price: PriceConfig, prompt_tokens: int, completion_tokens: int) -> float:
@@ -40,12 +68,14 @@ def cost_usd(price: PriceConfig, prompt_tokens: int, completion_tokens: int) -> 
 
 @dataclass
 class Usage:
-    requests: int = 0
+    requests: int = 0              # attempts that reached the server
     failed_requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
     rate_limited: int = 0          # 429 answers received
+    usage_estimated: int = 0       # attempts costed at their worst case: no usage reported, or none known
+    unreached: int = 0             # attempts that never connected (not billed, not counted by the server)
 
     def add(self, other: "Usage") -> None:
         for name in self.__dataclass_fields__:
@@ -57,7 +87,7 @@ class Usage:
 
 @dataclass(frozen=True)
 class Reservation:
-    """A request's place in the window: its start time and what it was charged before its usage was known.
+    """A request's place in the window: its start time, the tokens it holds there and its worst-case cost.
 
     `booked` is False when the request could not start within BOOK_AHEAD_S: nothing was charged, and the
     caller asks again shortly before `start`.
@@ -70,12 +100,35 @@ class Reservation:
     event_id: int = -1
 
 
+def _earliest(events: deque, start: float, window: float, requests: int, tokens: int, total: int,
+              need: int) -> float:
+    """The first time at or after `start` at which `events` ([start, tokens, …], by start) leave room in a
+    `window` for one more request of `need` tokens; `total` is the tokens of all `events`."""
+    count, index = len(events), 0
+    while index < len(events) and events[index][0] <= start - window:
+        count, total, index = count - 1, total - events[index][1], index + 1
+    while (count + 1 > requests or total + need > tokens) and count:
+        # Wait for the oldest booking in the window to leave it, with any others that leave at once.
+        # (Counted by position: `time + window - window` need not equal `time` in floating point.)
+        leaves_at = events[index][0]
+        start = leaves_at + window
+        while index < len(events) and events[index][0] <= leaves_at:
+            count, total, index = count - 1, total - events[index][1], index + 1
+    # With nothing left in the window a request bigger than the whole limit still goes, alone.
+    return start
+
+
 @dataclass
 class EndpointLimits:
     requests_per_minute: int
     tokens_per_minute: int
     price: PriceConfig = field(default_factory=PriceConfig)
+    tokens_counted_as: Literal["requested", "used"] = "requested"
+    max_pause_s: float = float("inf")
+    max_connection_failures: Optional[int] = None
     usage_by_stage: dict[str, Usage] = field(default_factory=dict)
+    paced: bool = False                                  # set by the first 429: see the module's doc
+    connection_failures: int = 0                         # consecutive, across every worker
     _events: deque = field(default_factory=deque)      # [start, tokens, id] of booked requests, by start
     _by_id: dict = field(default_factory=dict)
     _tokens_in_window: int = 0
@@ -83,34 +136,53 @@ class EndpointLimits:
     _last_start: float = float("-inf")
     _paused_until: float = float("-inf")
 
+    @classmethod
+    def of(cls, endpoint: EndpointConfig) -> "EndpointLimits":
+        return cls(endpoint.requests_per_minute, endpoint.tokens_per_minute, endpoint.price,
+                   endpoint.tokens_counted_as, endpoint.max_pause_s, endpoint.max_connection_failures)
+
+    def booked_tokens(self, prompt_tokens: int, max_completion_tokens: int) -> int:
+        """What a request holds of the minute's tokens until it is answered (see the module's doc)."""
+        if self.tokens_counted_as == "requested":
+            return max(prompt_tokens, max_completion_tokens)
+        return prompt_tokens + max_completion_tokens
+
+    @property
+    def paused_until(self) -> float:
+        return self._paused_until
+
     def _forget_before(self, time: float) -> None:
         while self._events and self._events[0][0] <= time - WINDOW_S:
             _, tokens, event_id = self._events.popleft()
             self._tokens_in_window -= tokens
-            del self._by_id[event_id]
+            self._by_id.pop(event_id, None)
 
     def earliest_start(self, now: float, tokens: int) -> float:
         """The first time at or after `now` (and every earlier booking) with room for `tokens` more."""
         # Bookings are made in time order and `now` only grows, so older requests are out of every window to come.
         self._forget_before(max(now, self._last_start))
         start = max(now, self._last_start, self._paused_until)
-        count, total = len(self._events), self._tokens_in_window
-        index = 0
-        while index < len(self._events) and self._events[index][0] <= start - WINDOW_S:
-            count, total, index = count - 1, total - self._events[index][1], index + 1
-        while (count + 1 > self.requests_per_minute or total + tokens > self.tokens_per_minute) and count:
-            # Wait for the oldest booking in the window to leave it, with any others that leave at once.
-            # (Counted by position: `time + WINDOW_S - WINDOW_S` need not equal `time` in floating point.)
-            leaves_at = self._events[index][0]
-            start = leaves_at + WINDOW_S
-            while index < len(self._events) and self._events[index][0] <= leaves_at:
-                count, total, index = count - 1, total - self._events[index][1], index + 1
-        # With nothing left in the window a request bigger than the whole minute still goes, alone.
-        return start
+        while True:
+            start = _earliest(self._events, start, WINDOW_S, self.requests_per_minute, self.tokens_per_minute,
+                              self._tokens_in_window, tokens)
+            if not self.paced:
+                return start
+            recent = deque(e for e in self._events if e[0] > start - 2 * SLICE_S)
+            sliced = _earliest(recent, start, SLICE_S, max(1, self.requests_per_minute // 60),
+                               max(1, self.tokens_per_minute // 60), sum(e[1] for e in recent), tokens)
+            if sliced == start:
+                return start
+            start = sliced         # later in time: the minute can only have more room, but check it again
 
-    def reserve(self, now: float, tokens: int, max_completion_tokens: int) -> Reservation:
-        """Books a request of `tokens` (estimate) if it can start within BOOK_AHEAD_S."""
-        worst = cost_usd(self.price, tokens - max_completion_tokens, max_completion_tokens)
+    def reserve(self, now: float, prompt_tokens: int, max_completion_tokens: int) -> Reservation:
+        """Books a request (prompt estimate, max_tokens) if it can start within BOOK_AHEAD_S."""
+        if self.max_connection_failures is not None and self.connection_failures >= self.max_connection_failures:
+            raise EndpointDown(f"{self.connection_failures} consecutive connection failures")
+        if self._paused_until - now > self.max_pause_s:
+            raise PausedTooLong(f"the server asked for a pause of {self._paused_until - now:.0f} s, longer than "
+                                f"max_pause_s={self.max_pause_s:g}")
+        worst = cost_usd(self.price, prompt_tokens, max_completion_tokens)
+        tokens = self.booked_tokens(prompt_tokens, max_completion_tokens)
         start = self.earliest_start(now, tokens)
         if start - now > BOOK_AHEAD_S:
             return Reservation(start, 0, 0.0, booked=False)
@@ -122,21 +194,33 @@ class EndpointLimits:
         self._last_start = start
         return Reservation(start, tokens, worst, True, event_id)
 
-    def settle(self, reservation: Reservation, stage: str, prompt_tokens: int, completion_tokens: int,
-               ok: bool, rate_limited: bool = False) -> None:
-        """Replaces a booking's estimate by what the request really used (0 tokens when it failed unanswered)."""
-        used = prompt_tokens + completion_tokens
+    def settle(self, reservation: Reservation, stage: str, outcome: Outcome, prompt_tokens: int,
+               completion_tokens: int) -> float:
+        """Books how an attempt ended; `prompt_tokens` and `completion_tokens` are what it is billed for (the
+        worst case when its usage is unknown). Returns its cost."""
         event = self._by_id.get(reservation.event_id)
-        if event is not None:
+        if event is not None and (outcome == "unreached" or self.tokens_counted_as == "used"):
+            used = 0 if outcome in ("unreached", "rate_limited", "failed") else prompt_tokens + completion_tokens
             self._tokens_in_window += used - event[1]
             event[1] = used
+            if outcome == "unreached":       # the server never saw it: it is not one of the minute's requests
+                self._events.remove(event)
+                del self._by_id[event[2]]
+        self.connection_failures = self.connection_failures + 1 if outcome == "unreached" else 0
+        self.paced = self.paced or outcome == "rate_limited"
         usage = self.usage_by_stage.setdefault(stage, Usage())
+        if outcome == "unreached":
+            usage.unreached += 1
+            return 0.0
+        cost = cost_usd(self.price, prompt_tokens, completion_tokens)
         usage.requests += 1
-        usage.failed_requests += 0 if ok else 1
-        usage.rate_limited += 1 if rate_limited else 0
+        usage.failed_requests += outcome not in ("ok", "estimated")
+        usage.rate_limited += outcome == "rate_limited"
+        usage.usage_estimated += outcome in ("estimated", "unknown")
         usage.prompt_tokens += prompt_tokens
         usage.completion_tokens += completion_tokens
-        usage.cost_usd += cost_usd(self.price, prompt_tokens, completion_tokens)
+        usage.cost_usd += cost
+        return cost
 
     def pause_until(self, until: float) -> None:
         """Holds every request not yet booked until `until` (a 429's Retry-After, or exhausted headers)."""
@@ -148,37 +232,62 @@ class RunLimits:
     """Every endpoint of a run, by name, under one budget."""
 
     max_cost_usd: Optional[float] = None
+    spent_before_usd: float = 0.0       # by earlier commands on the run's directory, worst case
+    record: Optional[Callable[[float, float], None]] = None     # (spent, in flight at worst), as they grow
     endpoints: dict[str, EndpointLimits] = field(default_factory=dict)
     _in_flight_cost: float = 0.0
+    _recorded_usd: float = float("-inf")
     refusal: Optional[str] = None       # why the budget refused a request, once it has
 
-    def add_endpoint(self, name: str, requests_per_minute: int, tokens_per_minute: int, price: PriceConfig) -> None:
+    def add_endpoint(self, name: str, endpoint: EndpointConfig) -> None:
         if name not in self.endpoints:
-            self.endpoints[name] = EndpointLimits(requests_per_minute, tokens_per_minute, price)
+            self.endpoints[name] = EndpointLimits.of(endpoint)
 
-    def reserve(self, endpoint: str, now: float, tokens: int, max_completion_tokens: int) -> Reservation:
+    def reserve(self, endpoint: str, now: float, prompt_tokens: int, max_completion_tokens: int) -> Reservation:
         """Raises BudgetExceeded rather than book a request that could pass the budget."""
         limits = self.endpoints[endpoint]
-        worst = cost_usd(limits.price, tokens - max_completion_tokens, max_completion_tokens)
-        if self.max_cost_usd is not None and self.spent_usd + self._in_flight_cost + worst > self.max_cost_usd:
-            self.refusal = (f"the next request could cost up to ${worst:.4f}; with ${self.spent_usd:.4f} spent and "
+        worst = cost_usd(limits.price, prompt_tokens, max_completion_tokens)
+        committed = self.total_spent_usd + self._in_flight_cost
+        if self.max_cost_usd is not None and committed + worst > self.max_cost_usd:
+            self.refusal = (f"the next request could cost up to ${worst:.4f}; with ${self.total_spent_usd:.4f} "
+                            f"spent (${self.spent_before_usd:.4f} of it by earlier commands) and "
                             f"${self._in_flight_cost:.4f} in flight it would pass max_cost_usd=${self.max_cost_usd:.2f}")
             raise BudgetExceeded(self.refusal)
-        reservation = limits.reserve(now, tokens, max_completion_tokens)
+        reservation = limits.reserve(now, prompt_tokens, max_completion_tokens)
         self._in_flight_cost += reservation.worst_cost_usd
+        self._record_if_grown()
         return reservation
 
-    def settle(self, endpoint: str, reservation: Reservation, stage: str, prompt_tokens: int,
-               completion_tokens: int, ok: bool, rate_limited: bool = False) -> None:
+    def settle(self, endpoint: str, reservation: Reservation, stage: str, outcome: Outcome, prompt_tokens: int,
+               completion_tokens: int) -> None:
         self._in_flight_cost -= reservation.worst_cost_usd
-        self.endpoints[endpoint].settle(reservation, stage, prompt_tokens, completion_tokens, ok, rate_limited)
+        self.endpoints[endpoint].settle(reservation, stage, outcome, prompt_tokens, completion_tokens)
+        self._record_if_grown()     # a reply may cost more than its estimate said
+
+    def _record_if_grown(self) -> None:
+        """Persisting only growth keeps the record an upper bound at one write per request."""
+        committed = self.total_spent_usd + self._in_flight_cost
+        if self.record is not None and committed > self._recorded_usd:
+            self.flush()
+
+    def flush(self) -> float:
+        """Records the spend as it is now (exact when nothing is in flight); returns the run's total."""
+        if self.record is not None:
+            self.record(self.total_spent_usd, self._in_flight_cost)
+            self._recorded_usd = self.total_spent_usd + self._in_flight_cost
+        return self.total_spent_usd
 
     def pause_until(self, endpoint: str, until: float) -> None:
         self.endpoints[endpoint].pause_until(until)
 
     @property
     def spent_usd(self) -> float:
+        """Spent by this command."""
         return sum(u.cost_usd for e in self.endpoints.values() for u in e.usage_by_stage.values())
+
+    @property
+    def total_spent_usd(self) -> float:
+        return self.spent_before_usd + self.spent_usd
 
     def usage_by_stage(self) -> dict[str, dict]:
         """Usage summed over endpoints, per stage, as plain dicts (for manifests and summaries)."""

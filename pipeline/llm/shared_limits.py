@@ -11,7 +11,8 @@ import time
 from typing import Awaitable, Callable, Optional, Protocol
 
 from pipeline.config import EndpointConfig
-from pipeline.llm.limits import BOOK_AHEAD_S, Reservation, RunLimits
+from pipeline.llm.limits import BOOK_AHEAD_S, Outcome, Reservation, RunLimits
+from pipeline.llm.spend import SpendRecord
 
 
 def endpoint_key(endpoint: EndpointConfig) -> str:
@@ -31,11 +32,12 @@ async def _lease(try_reserve: Callable[[], Awaitable[tuple[float, Reservation]]]
 
 
 class Limits(Protocol):
-    async def reserve(self, endpoint: str, tokens: int, max_completion_tokens: int) -> Reservation: ...
-    async def settle(self, endpoint: str, reservation: Reservation, stage: str, prompt_tokens: int,
-                     completion_tokens: int, ok: bool, rate_limited: bool = False) -> None: ...
+    async def reserve(self, endpoint: str, prompt_tokens: int, max_completion_tokens: int) -> Reservation: ...
+    async def settle(self, endpoint: str, reservation: Reservation, stage: str, outcome: Outcome,
+                     prompt_tokens: int, completion_tokens: int) -> None: ...
     async def pause_for(self, endpoint: str, seconds: float) -> None: ...
     async def usage_by_stage(self) -> dict[str, dict]: ...
+    async def record_spend(self) -> float: ...
 
 
 class LocalLimits:
@@ -44,16 +46,15 @@ class LocalLimits:
     def __init__(self, limits: RunLimits):
         self.limits = limits
 
-    async def reserve(self, endpoint: str, tokens: int, max_completion_tokens: int) -> Reservation:
+    async def reserve(self, endpoint: str, prompt_tokens: int, max_completion_tokens: int) -> Reservation:
         async def attempt() -> tuple[float, Reservation]:
             now = time.monotonic()
-            reservation = self.limits.reserve(endpoint, now, tokens, max_completion_tokens)
+            reservation = self.limits.reserve(endpoint, now, prompt_tokens, max_completion_tokens)
             return reservation.start - now, reservation
         return await _lease(attempt)
 
-    async def settle(self, endpoint, reservation, stage, prompt_tokens, completion_tokens, ok,
-                     rate_limited=False) -> None:
-        self.limits.settle(endpoint, reservation, stage, prompt_tokens, completion_tokens, ok, rate_limited)
+    async def settle(self, endpoint, reservation, stage, outcome, prompt_tokens, completion_tokens) -> None:
+        self.limits.settle(endpoint, reservation, stage, outcome, prompt_tokens, completion_tokens)
 
     async def pause_for(self, endpoint: str, seconds: float) -> None:
         self.limits.pause_until(endpoint, time.monotonic() + seconds)
@@ -61,19 +62,22 @@ class LocalLimits:
     async def usage_by_stage(self) -> dict[str, dict]:
         return self.limits.usage_by_stage()
 
+    async def record_spend(self) -> float:
+        return self.limits.flush()
+
 
 class LimitsActor:
     """The body of the named Ray actor; created by `shared_limits`."""
 
-    def __init__(self, max_cost_usd: Optional[float]):
-        self.limits = RunLimits(max_cost_usd)
+    def __init__(self, max_cost_usd: Optional[float], record: Optional[SpendRecord] = None):
+        self.limits = _run_limits(max_cost_usd, record)
 
-    def add_endpoint(self, name: str, requests_per_minute: int, tokens_per_minute: int, price) -> None:
-        self.limits.add_endpoint(name, requests_per_minute, tokens_per_minute, price)
+    def add_endpoint(self, name: str, endpoint: EndpointConfig) -> None:
+        self.limits.add_endpoint(name, endpoint)
 
-    def reserve(self, endpoint: str, tokens: int, max_completion_tokens: int) -> tuple[float, Reservation]:
+    def reserve(self, endpoint: str, prompt_tokens: int, max_completion_tokens: int) -> tuple[float, Reservation]:
         now = time.monotonic()
-        reservation = self.limits.reserve(endpoint, now, tokens, max_completion_tokens)
+        reservation = self.limits.reserve(endpoint, now, prompt_tokens, max_completion_tokens)
         return reservation.start - now, reservation
 
     def settle(self, *args) -> None:
@@ -85,6 +89,13 @@ class LimitsActor:
     def usage_by_stage(self) -> dict[str, dict]:
         return self.limits.usage_by_stage()
 
+    def record_spend(self) -> float:
+        return self.limits.flush()
+
+    def paused_until(self, endpoint: str) -> float:
+        """Until when the endpoint is paused, on this node's monotonic clock (the same for every process)."""
+        return self.limits.endpoints[endpoint].paused_until
+
     def refusal(self) -> Optional[str]:
         return self.limits.refusal
 
@@ -95,19 +106,20 @@ class RayLimits:
     def __init__(self, actor):
         self.actor = actor
 
-    async def reserve(self, endpoint: str, tokens: int, max_completion_tokens: int) -> Reservation:
-        return await _lease(lambda: self.actor.reserve.remote(endpoint, tokens, max_completion_tokens))
+    async def reserve(self, endpoint: str, prompt_tokens: int, max_completion_tokens: int) -> Reservation:
+        return await _lease(lambda: self.actor.reserve.remote(endpoint, prompt_tokens, max_completion_tokens))
 
-    async def settle(self, endpoint, reservation, stage, prompt_tokens, completion_tokens, ok,
-                     rate_limited=False) -> None:
-        await self.actor.settle.remote(endpoint, reservation, stage, prompt_tokens, completion_tokens, ok,
-                                       rate_limited)
+    async def settle(self, endpoint, reservation, stage, outcome, prompt_tokens, completion_tokens) -> None:
+        await self.actor.settle.remote(endpoint, reservation, stage, outcome, prompt_tokens, completion_tokens)
 
     async def pause_for(self, endpoint: str, seconds: float) -> None:
         await self.actor.pause_for.remote(endpoint, seconds)
 
     async def usage_by_stage(self) -> dict[str, dict]:
         return await self.actor.usage_by_stage.remote()
+
+    async def record_spend(self) -> float:
+        return await self.actor.record_spend.remote()
 
     def budget_refusal(self) -> Optional[str]:
         """Why the budget refused a request, if it has: a stage's failure is then the budget's doing (Ray Data
@@ -118,8 +130,9 @@ class RayLimits:
 
 
 def shared_limits(run_name: str, endpoints: list[EndpointConfig], max_cost_usd: Optional[float],
-                  namespace: str = "tapir") -> RayLimits:
-    """The run's limits actor (created on first use, found by name afterwards) with its endpoints registered."""
+                  namespace: str = "tapir", record: Optional[SpendRecord] = None) -> RayLimits:
+    """The run's limits actor (created on first use, found by name afterwards) with its endpoints registered.
+    `record`: where the run's spend is kept; the budget counts what it holds, and a restarted actor reads it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -128,14 +141,18 @@ def shared_limits(run_name: str, endpoints: list[EndpointConfig], max_cost_usd: 
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor_class = ray.remote(num_cpus=0, max_restarts=-1)(LimitsActor)
     actor = actor_class.options(name=f"tapir-limits-{run_name}", namespace=namespace, get_if_exists=True,
-                                scheduling_strategy=driver_node).remote(max_cost_usd)
-    ray.get([actor.add_endpoint.remote(endpoint_key(e), e.requests_per_minute, e.tokens_per_minute, e.price)
-             for e in endpoints])
+                                scheduling_strategy=driver_node).remote(max_cost_usd, record)
+    ray.get([actor.add_endpoint.remote(endpoint_key(e), e) for e in endpoints])
     return RayLimits(actor)
 
 
-def local_limits(endpoints: list[EndpointConfig], max_cost_usd: Optional[float]) -> LocalLimits:
-    limits = RunLimits(max_cost_usd)
+def local_limits(endpoints: list[EndpointConfig], max_cost_usd: Optional[float],
+                 record: Optional[SpendRecord] = None) -> LocalLimits:
+    limits = _run_limits(max_cost_usd, record)
     for e in endpoints:
-        limits.add_endpoint(endpoint_key(e), e.requests_per_minute, e.tokens_per_minute, e.price)
+        limits.add_endpoint(endpoint_key(e), e)
     return LocalLimits(limits)
+
+
+def _run_limits(max_cost_usd: Optional[float], record: Optional[SpendRecord]) -> RunLimits:
+    return RunLimits(max_cost_usd, record.spent_before() if record else 0.0, record)
