@@ -477,9 +477,14 @@ def check_parquet_files(files: list[str], location: store.Location, required: tu
     return rows
 
 
+def pool_location(config: RunConfig) -> store.Location:
+    """The run's imported pool: RUN_DIR/pool, finished once its manifest is written."""
+    return store.locate(config.storage.run_dir, config.storage.s3_endpoint_url).child("pool")
+
+
 def ensure_pool(config: RunConfig) -> tuple[store.Location, Optional[ImportSummary]]:
     """The run's pool directory, importing `pool.source` into it first if no import has finished there."""
-    pool_dir = store.locate(config.storage.run_dir, config.storage.s3_endpoint_url).child("pool")
+    pool_dir = pool_location(config)
     if pool_dir.child(MANIFEST).exists():
         return pool_dir, None
     # No manifest means no import finished: whatever an interrupted one left is replaced.

@@ -8,7 +8,7 @@ number of rounds, where and how fast the work runs) may change, and each change 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterable
 
 from pipeline.config import RunConfig, redacted
 
@@ -24,10 +24,13 @@ FREE_SETTINGS = (
         "local.startup_timeout_s")),
 )
 _ALL = ("score", "plan", "expand", "respond", "train_set", "train")
+# What a run prepares once, before its first round's scoring finishes; the caller says which of them exist.
+POOL_IMPORT, CLASSIFIER = "pool import", "classifier"
 # The stages whose output a section (or a single setting, which takes precedence) shapes.
 _SHAPES = {
-    "pool": _ALL, "storage": _ALL, "classifier": ("score", "expand"), "student": ("score",),
-    "teacher": ("score", "expand", "respond"), "judge": ("score",), "scoring": ("score", "expand", "respond"),
+    "pool": (POOL_IMPORT, *_ALL), "storage": _ALL, "classifier": (CLASSIFIER, "score", "expand"),
+    "student": ("score",), "teacher": (CLASSIFIER, "score", "expand", "respond"), "judge": ("score",),
+    "scoring": ("score", "expand", "respond"),
     "curriculum": ("plan", "expand", "train_set"), "curriculum.keep_reference_outputs": ("score",),
     "curriculum.expansion_per_round": ("expand",), "expansion": ("expand",), "respond": ("respond",),
     "training": ("train",),
@@ -55,10 +58,12 @@ def _stages_shaped(setting: str) -> tuple[str, ...]:
     return _SHAPES.get(setting.split(".", 1)[0], _ALL)       # a setting not listed is taken to shape everything
 
 
-def check(state: dict, config: RunConfig, config_hash: str, where: str) -> dict[str, list]:
+def check(state: dict, config: RunConfig, config_hash: str, where: str, prepared: Iterable[str] = ()) -> dict[str, list]:
     """The settings changed since the run last ran, {setting: [before, now]} (empty for a new run or the same
-    config); raises ResumeRefused when one of them shaped a stage the run has finished. `where`: state.json's URI."""
-    finished = {(stage, r) for r, done in state.get("rounds", {}).items() for stage in done.get("finished", [])}
+    config); raises ResumeRefused when one of them shaped a stage the run has finished, or what it has `prepared`
+    (POOL_IMPORT, CLASSIFIER). `where`: state.json's URI."""
+    finished = {(stage, f"{stage} of round {r}") for r, done in state.get("rounds", {}).items()
+                for stage in done.get("finished", [])} | {(stage, stage) for stage in prepared}
     before = state.get("config")
     if before is None:
         # a state.json written before settings were recorded holds only the hash: any change is refused
@@ -74,7 +79,7 @@ def check(state: dict, config: RunConfig, config_hash: str, where: str) -> dict[
     for setting, (was, is_now) in changed.items():
         if _is_free(setting):
             continue
-        shaped = sorted({f"{stage} of round {r}" for stage, r in finished if stage in _stages_shaped(setting)})
+        shaped = sorted(label for stage, label in finished if stage in _stages_shaped(setting))
         if shaped:
             refused.append(f"  {setting}: {_shown(was)} → {_shown(is_now)} (shaped {', '.join(shaped[:3])}"
                            f"{', …' if len(shaped) > 3 else ''})")

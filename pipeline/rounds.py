@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import expansion, planning, responding, resume, scoring, store
-from pipeline.classification import round_location, run_dir
+from pipeline.classification import classifier_location, round_location, run_dir
 from pipeline.config import RunConfig
 from pipeline.llm.endpoint import RunEndpoints
 from pipeline.llm.limits import BudgetExceeded
+from pipeline.pool import pool_location
 from pipeline.round_summary import format_round_summary, round_summary
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,10 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     location.makedirs()
     state = store.read_json(location, STATE_FILE) or {"rounds": {}}
     key = scoring.config_hash(config)
-    changed = resume.check(state, config, key, location.child(STATE_FILE).uri)
+    prepared = [name for name, done in ((resume.POOL_IMPORT, pool_location(config).child(store.MANIFEST)),
+                                        (resume.CLASSIFIER, classifier_location(config).child("config.json")))
+                if done.exists()]
+    changed = resume.check(state, config, key, location.child(STATE_FILE).uri, prepared)
     if changed:
         log.info("resumed with changed settings that shaped no finished stage: %s", ", ".join(changed))
         state.setdefault("config_changes", []).append({"at": _now(), "settings": changed})

@@ -50,6 +50,18 @@ def test_settings_that_shaped_no_finished_stage_may_change_and_are_returned_to_b
         check(state, fewer_epochs, config_hash(fewer_epochs), "s")
 
 
+def test_the_pool_and_the_classifier_count_once_prepared_even_before_round_0_finishes_scoring(tmp_path):
+    first = config(tmp_path)
+    started = {**state_after(first, {}), "rounds": {"0": {"finished": [], "summaries": {}}}}
+    thinner = config(tmp_path, pool={"sample_fraction": 0.1})
+    assert check(started, thinner, config_hash(thinner), "s") == {"pool.sample_fraction": [None, 0.1]}
+    with pytest.raises(ResumeRefused, match=r"pool.sample_fraction: null → 0.1 \(shaped pool import\)"):
+        check(started, thinner, config_hash(thinner), "s", prepared=["pool import"])
+    relabelled = config(tmp_path, classifier={"label_sample_size": 50})
+    with pytest.raises(ResumeRefused, match=r"classifier.label_sample_size: 1000 → 50 \(shaped classifier\)"):
+        check(started, relabelled, config_hash(relabelled), "s", prepared=["pool import", "classifier"])
+
+
 def test_a_state_that_recorded_only_the_hash_refuses_any_change(tmp_path):
     first, other = config(tmp_path), config(tmp_path, max_cost_usd=1.0)
     legacy = {"config_hash": config_hash(first), "rounds": {"0": {"finished": ["score"]}}}
@@ -77,3 +89,12 @@ def test_the_same_run_directory_spelled_another_way_is_the_same_run(tmp_path, mo
     relative = RunConfig.model_validate({"storage": {"run_dir": "run"}})
     assert check(state_after(first, {"0": ["score"]}), relative, config_hash(relative), "s") == {
         "storage.run_dir": [str(tmp_path / "run"), "run"]}
+
+
+def test_tapir_run_counts_an_imported_pool_as_prepared(tmp_path):
+    first = config(tmp_path)
+    (tmp_path / "run" / "pool").mkdir(parents=True)
+    (tmp_path / "run" / "pool" / "_manifest.json").write_text("{}")
+    (tmp_path / "run" / "state.json").write_text(json.dumps(state_after(first, {})))
+    with pytest.raises(ResumeRefused, match=r"pool.source: \"bundled:sample\" → \"other.jsonl\" \(shaped pool import\)"):
+        rounds.run(config(tmp_path, pool={"source": "other.jsonl"}), progress=False)
