@@ -41,15 +41,22 @@ class ResumeRefused(ValueError):
     """A run resumed with a config that changes what its finished stages produced."""
 
 
-def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     """A config dump as {dotted.setting: value}."""
     if isinstance(value, dict) and value:
-        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): value}
 
 
 def _is_free(setting: str) -> bool:
     return any(setting == free or (free.endswith(".") and setting.startswith(free)) for free in FREE_SETTINGS)
+
+
+def _unknown_to(settings: dict[str, Any], setting: str) -> bool:
+    """Whether a config dump has no trace of a setting: neither it nor a value enclosing it (`judge: null` encloses
+    judge.model). A setting the code added or removed since is not a change the user made."""
+    parts = setting.split(".")
+    return all(".".join(parts[:n]) not in settings for n in range(1, len(parts) + 1))
 
 
 def _stages_shaped(setting: str) -> tuple[str, ...]:
@@ -58,7 +65,8 @@ def _stages_shaped(setting: str) -> tuple[str, ...]:
     return _SHAPES.get(setting.split(".", 1)[0], _ALL)       # a setting not listed is taken to shape everything
 
 
-def check(state: dict, config: RunConfig, config_hash: str, where: str, prepared: Iterable[str] = ()) -> dict[str, list]:
+def check(state: dict, config: RunConfig, config_hash: str, where: str,
+          prepared: Iterable[str] = ()) -> dict[str, list]:
     """The settings changed since the run last ran, {setting: [before, now]} (empty for a new run or the same
     config); raises ResumeRefused when one of them shaped a stage the run has finished, or what it has `prepared`
     (POOL_IMPORT, CLASSIFIER). `where`: state.json's URI."""
@@ -73,11 +81,11 @@ def check(state: dict, config: RunConfig, config_hash: str, where: str, prepared
                                 f"cannot be told. {_HOW}")
         return {}
     now = config.model_dump(mode="json")
-    old, new = flat(before), flat(now)
+    old, new = _flat(before), _flat(now)
     changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
     refused = []
     for setting, (was, is_now) in changed.items():
-        if _is_free(setting):
+        if _is_free(setting) or _unknown_to(old, setting) or _unknown_to(new, setting):
             continue
         shaped = sorted(label for stage, label in finished if stage in _stages_shaped(setting))
         if shaped:

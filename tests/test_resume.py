@@ -62,6 +62,13 @@ def test_the_pool_and_the_classifier_count_once_prepared_even_before_round_0_fin
         check(started, relabelled, config_hash(relabelled), "s", prepared=["pool import", "classifier"])
 
 
+def test_a_setting_the_code_added_since_the_run_started_is_no_change_of_the_users(tmp_path):
+    first = config(tmp_path)
+    state = state_after(first, {"0": ["score"]})
+    del state["config"]["teacher"]["max_attempts"]          # as if the run started before the setting existed
+    assert check(state, first, config_hash(first), "s") == {"teacher.max_attempts": [None, 6]}
+
+
 def test_a_state_that_recorded_only_the_hash_refuses_any_change(tmp_path):
     first, other = config(tmp_path), config(tmp_path, max_cost_usd=1.0)
     legacy = {"config_hash": config_hash(first), "rounds": {"0": {"finished": ["score"]}}}
