@@ -8,6 +8,7 @@ number of rounds, where and how fast the work runs) may change, and each change 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Iterable
 
 from pipeline.config import RunConfig, redacted
@@ -35,6 +36,9 @@ _SHAPES = {
     "curriculum.expansion_per_round": ("expand",), "expansion": ("expand",), "respond": ("respond",),
     "training": ("train",),
 }
+
+
+log = logging.getLogger(__name__)
 
 
 class ResumeRefused(ValueError):
@@ -74,11 +78,12 @@ def check(state: dict, config: RunConfig, config_hash: str, where: str,
                 for stage in done.get("finished", [])} | {(stage, stage) for stage in prepared}
     before = state.get("config")
     if before is None:
-        # a state.json written before settings were recorded holds only the hash: any change is refused
+        # A state.json written before settings were recorded holds only a hash of the whole config, which every
+        # setting the code adds changes too: it cannot tell a user's change from an upgrade, so it only warns.
         if finished and state.get("config_hash") not in (None, config_hash):
-            raise ResumeRefused(f"{where}: this run was started with another config (hash {state['config_hash']}, "
-                                f"now {config_hash}); its settings were not recorded, so which of them changed "
-                                f"cannot be told. {_HOW}")
+            log.warning("%s: this run started before its settings were recorded, with a config that hashes "
+                        "differently (%s, now %s); settings are compared from now on", where,
+                        state["config_hash"], config_hash)
         return {}
     now = config.model_dump(mode="json")
     old, new = _flat(before), _flat(now)
@@ -94,13 +99,10 @@ def check(state: dict, config: RunConfig, config_hash: str, where: str,
     if refused:
         raise ResumeRefused(
             f"{where}: this run was started with another config, and these settings shaped stages it has already "
-            f"finished:\n" + "\n".join(refused) + f"\n{_HOW}")
+            f"finished:\n" + "\n".join(refused) + "\nPut the config back as it was to continue the run, or give "
+            "the new config another storage.run_dir to start a new run. (The budget, the number of rounds and where "
+            "and how fast the work runs may change on a resume.)")
     return changed
-
-
-_HOW = ("Put the config back as it was to continue the run, or give the new config another storage.run_dir to "
-        "start a new run. (The budget, the number of rounds and where and how fast the work runs may change on a "
-        "resume.)")
 
 
 def _shown(value: Any) -> str:

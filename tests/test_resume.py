@@ -69,12 +69,12 @@ def test_a_setting_the_code_added_since_the_run_started_is_no_change_of_the_user
     assert check(state, first, config_hash(first), "s") == {"teacher.max_attempts": [None, 6]}
 
 
-def test_a_state_that_recorded_only_the_hash_refuses_any_change(tmp_path):
+def test_a_state_that_recorded_only_the_hash_warns_and_compares_from_then_on(tmp_path, caplog):
     first, other = config(tmp_path), config(tmp_path, max_cost_usd=1.0)
     legacy = {"config_hash": config_hash(first), "rounds": {"0": {"finished": ["score"]}}}
-    assert check(legacy, first, config_hash(first), "s") == {}
-    with pytest.raises(ResumeRefused, match="were not recorded"):
-        check(legacy, other, config_hash(other), "s")
+    assert check(legacy, first, config_hash(first), "s") == {} and not caplog.records
+    assert check(legacy, other, config_hash(other), "s") == {}
+    assert "settings are compared from now on" in caplog.text
 
 
 def test_tapir_run_refuses_the_resume_before_starting_anything_and_leaves_the_state_as_it_was(tmp_path):
