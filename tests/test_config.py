@@ -112,7 +112,8 @@ def errors_of(tmp_path, text: str) -> str:
 
 
 @pytest.mark.parametrize("pasted", ["sk-live-abcdef1234567890abcdef", "AKIAIOSFODNN7EXAMPLE",
-                                    "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "ghp_0123456789abcdefABCDEF0123456789abcd"])
+                                    "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+                                    "ghp_0123456789abcdefABCDEF0123456789abcd"])
 def test_a_key_pasted_into_api_key_env_is_refused_and_never_echoed(tmp_path, pasted):
     message = errors_of(tmp_path, f"teacher:\n  api_key_env: {pasted}\n")
     assert "teacher.api_key_env (line 2): this looks like an API key, not the name of a variable" in message
@@ -169,7 +170,8 @@ def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     ("curriculum:\n  mfd_threshold: .nan\n", "curriculum.mfd_threshold (line 2): Input should be a finite number"),
     ("max_cost_usd: -.inf\n", "max_cost_usd (line 1): Input should be a finite number"),
     ("teacher:\n  max_attempts: true\n", "teacher.max_attempts (line 2): expected a number, got the boolean true"),
-    ("training:\n  learning_rate: false\n", "training.learning_rate (line 2): expected a number, got the boolean false"),
+    ("training:\n  learning_rate: false\n",
+     "training.learning_rate (line 2): expected a number, got the boolean false"),
     ("pool:\n  rows_per_shard: '100'\n", "pool.rows_per_shard (line 2): Input should be a valid integer"),
 ])
 def test_non_finite_numbers_and_booleans_where_numbers_belong_are_refused(tmp_path, text, field):

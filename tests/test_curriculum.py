@@ -206,7 +206,8 @@ def test_a_round_without_expansion_still_gets_its_training_set(tmp_path):
     assert new_rows.num_rows == 0 and {"id", "instruction", "task", "seed_id", "status"} <= set(new_rows.column_names)
     planned = planning.read_plan(config, 0)
     answers = pa.table({"id": planned.column("id"), "respond_response": ["An answer."] * planned.num_rows,
-                        "respond_status": ["ok"] * planned.num_rows, "respond_finish_reason": ["stop"] * planned.num_rows,
+                        "respond_status": ["ok"] * planned.num_rows,
+                        "respond_finish_reason": ["stop"] * planned.num_rows,
                         "style": ["style_detailed"] * planned.num_rows})
     summary = planning.write_training_set(config, 0, new_rows.filter(pc.equal(new_rows.column("status"), "ok")),
                                           answers)

@@ -268,7 +268,8 @@ def test_a_utf8_bom_costs_no_row(tmp_path):
 def test_ids_must_be_non_empty_strings(tmp_path):
     source = tmp_path / "ids.jsonl"
     rows = [{"id": True, "instruction": "One."}, {"id": "", "instruction": "Two."},
-            {"id": "  ", "instruction": "Three."}, {"id": 7, "instruction": "Four."}, {"id": "x", "instruction": "Five."}]
+            {"id": "  ", "instruction": "Three."}, {"id": 7, "instruction": "Four."},
+            {"id": "x", "instruction": "Five."}]
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary, pool = run_import([source], tmp_path / "out")
     assert pool.column("id").to_pylist() == ["7", "x"]

@@ -103,5 +103,6 @@ def test_tapir_run_counts_an_imported_pool_as_prepared(tmp_path):
     (tmp_path / "run" / "pool").mkdir(parents=True)
     (tmp_path / "run" / "pool" / "_manifest.json").write_text("{}")
     (tmp_path / "run" / "state.json").write_text(json.dumps(state_after(first, {})))
-    with pytest.raises(ResumeRefused, match=r"pool.source: \"bundled:sample\" → \"other.jsonl\" \(shaped pool import\)"):
+    with pytest.raises(ResumeRefused,
+                       match=r"pool.source: \"bundled:sample\" → \"other.jsonl\" \(shaped pool import\)"):
         rounds.run(config(tmp_path, pool={"source": "other.jsonl"}), progress=False)
