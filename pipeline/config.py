@@ -541,7 +541,8 @@ def redacted(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [redacted(v, key) for v in value]
     if isinstance(value, str):
-        if _names_a_secret(key) or looks_like_key(value):
+        # a path or URL is not taken for a key: run directories and model paths carry dates and hashes
+        if _names_a_secret(key) or ("/" not in value and looks_like_key(value)):
             return "***"
         if "://" in value:
             return redact_url(value)

@@ -95,6 +95,8 @@ teacher:
   api_key_env: MY_TEACHER_KEY
 student:
   model: hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789
+storage:
+  run_dir: runs/20261201T0700-3f9a2b7c1d4e5f60
 """)
     text = show(load_config(path))
     assert "sk-very-secret-value" not in text
@@ -103,6 +105,7 @@ student:
     assert "tokens_per_minute: 1000000" in text   # a field named like a secret but not one stays visible
     # a key pasted where a model name belongs is hidden too
     assert "hf_AbCdEf" not in text and "model: '***'" in text
+    assert "run_dir: runs/20261201T0700-3f9a2b7c1d4e5f60" in text       # a path with a hash in it stays
 
 
 def errors_of(tmp_path, text: str) -> str:
