@@ -67,14 +67,15 @@ def label(config: RunConfig, progress: bool = True) -> LabelSummary:
         return asyncio.run(label_sample(config, endpoint, pool, progress))
 
 
-def ensure_classifier(config: RunConfig, endpoint: OpenEndpoint, progress: bool = True) -> Model:
-    """The trained classifier; without one, the teacher labels a sample and it is trained now."""
+def ensure_classifier(config: RunConfig, endpoint: OpenEndpoint, limits, progress: bool = True) -> Model:
+    """The trained classifier; without one, the teacher labels a sample (under the run's `limits`) and it is
+    trained now."""
     location = classifier_location(config)
     if not location.child("config.json").exists():
         log.info("no trained task classifier in %s: labelling a sample with the teacher and training it",
                  location.uri)
         pool_dir, _ = ensure_pool(config)
-        asyncio.run(label_sample(config, endpoint, read_pool(pool_dir), progress))
+        asyncio.run(label_sample(config, endpoint, read_pool(pool_dir), progress, limits))
         train(config)
     return classifier_model(config)
 

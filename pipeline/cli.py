@@ -19,6 +19,7 @@ from pipeline.llm.endpoint import open_endpoint
 from pipeline.llm.local_server import TeacherServerError
 from pipeline.llm.secret import MissingSecretError
 from pipeline.llm.shared_limits import local_limits
+from pipeline.llm.spend import spend_record
 from pipeline.models import ModelError, bundled_encoder_dir, prepare_bundled_student
 from training import CheckpointMismatch, TrainingDataError
 from pipeline.planning import PlanError
@@ -118,7 +119,7 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
 
 
 async def _one_completion(config: RunConfig, endpoint, instruction: str):
-    limits = local_limits([config.teacher], config.max_cost_usd)
+    limits = local_limits([config.teacher], config.max_cost_usd, spend_record(config))    # paid: the run's cap
     async with ChatClient(config.teacher, endpoint.base_url, endpoint.api_key, limits, endpoint.model) as client:
         return await client.complete(ChatRequest([{"role": "user", "content": instruction}],
                                                  max_tokens=config.student.sampling.max_tokens, stage="check"))

@@ -37,15 +37,17 @@ def init_ray(config: RayConfig, min_cpus: int = 1) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 
-def run_limits(config: RunConfig, spent_before_usd: float = 0.0):
+def run_limits(config: RunConfig):
     """The run's cluster-wide rate limits and budget (a named actor), with the teacher and judge registered.
 
-    The actor is created by the first call of a command and found by name afterwards; `spent_before_usd`
-    (what earlier invocations of a resumed run spent) counts against the budget of the one it creates."""
+    The actor is created by the first call of a command and found by name afterwards. Its budget starts from
+    what every earlier command on the run directory spent (RUN_DIR/spend.json), and it records there what it
+    spends as it goes."""
     from pipeline.llm.shared_limits import shared_limits
+    from pipeline.llm.spend import spend_record
 
-    budget = None if config.max_cost_usd is None else max(0.0, config.max_cost_usd - spent_before_usd)
-    return shared_limits(limits_key(config), [config.teacher, config.effective_judge], budget, config.ray.namespace)
+    return shared_limits(limits_key(config), [config.teacher, config.effective_judge], config.max_cost_usd,
+                         config.ray.namespace, spend_record(config))
 
 
 def limits_key(config: RunConfig) -> str:

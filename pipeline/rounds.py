@@ -63,13 +63,11 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         state.setdefault("config_changes", []).append({"at": _now(), "settings": changed})
     state.update(status="running", rounds_planned=config.curriculum.rounds, config_hash=key,
                  config=config.model_dump(mode="json"), last_started=_now(), stopped_because=None)
-    spent_before = state.get("spent_usd", 0.0)
     limits = None
 
     def save() -> None:
-        spent_now = 0.0 if limits is None else sum(
-            u["cost_usd"] for u in asyncio.run(limits.usage_by_stage()).values())
-        state["spent_usd"] = round(spent_before + spent_now, 6)
+        if limits is not None:          # every command's spend on this run directory, as spend.json keeps it
+            state["spent_usd"] = asyncio.run(limits.record_spend())
         state["updated"] = _now()
         store.write_json(location, STATE_FILE, state)
 
@@ -84,7 +82,7 @@ def run(config: RunConfig, progress: bool = True) -> dict:
             init_ray(config.ray, min_cpus=max(scoring.job_cpus(config), config.training.num_workers + 3))
             # after ray.init, which installs a SIGTERM handler of its own that exits without a word
             previous_handler = signal.signal(signal.SIGTERM, _interrupt)
-            limits = run_limits(config, spent_before)
+            limits = run_limits(config)
             for round_index in range(config.curriculum.rounds):
                 _round(config, round_index, endpoints, state, save, progress)
         state["status"] = "finished"

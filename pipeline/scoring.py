@@ -63,6 +63,8 @@ def score(config: RunConfig, round_index: int = 0, progress: bool = True,
     A finished round is not scored again; an interrupted one continues with the rows not yet written.
     `endpoints`: the run's open teacher and judge; without them they are opened (and closed) here.
     """
+    from pipeline.ray_runtime import init_ray, run_limits
+
     out = score_location(config, round_index)
     finished = store.read_json(out, store.MANIFEST)
     if finished and finished.get("complete"):
@@ -73,9 +75,11 @@ def score(config: RunConfig, round_index: int = 0, progress: bool = True,
     with contextlib.ExitStack() as stack:
         endpoints = endpoints or RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack)
         teacher, judge = endpoints.teacher(), endpoints.judge()
-        classifier = ensure_classifier(config, teacher, progress) if round_index == 0 else None
+        init_ray(config.ray, min_cpus=job_cpus(config))
+        limits = run_limits(config)          # labelling a sample for the classifier is paid under them too
+        classifier = ensure_classifier(config, teacher, limits, progress) if round_index == 0 else None
         job_started = time.perf_counter()
-        stages, spent = _run(config, round_index, source, classifier, student, teacher, judge)
+        stages, spent = _run(config, round_index, source, classifier, student, teacher, judge, limits)
         job_s = time.perf_counter() - job_started
     summary = summarise(config, round_index, rows_in, read_scored(out), stages, spent,
                         {"setup_s": round(job_started - started, 2), "job_s": round(job_s, 2),
@@ -99,15 +103,11 @@ def _source(config: RunConfig, round_index: int) -> tuple[store.Location, int]:
 
 
 def _run(config: RunConfig, round_index: int, source: store.Location, classifier: Optional[Model],
-         student: Model, teacher: OpenEndpoint, judge: OpenEndpoint) -> tuple[list[dict], dict]:
+         student: Model, teacher: OpenEndpoint, judge: OpenEndpoint, limits) -> tuple[list[dict], dict]:
     """The streaming job; returns the time of each stage and the API usage of this invocation."""
-    from pipeline.ray_runtime import init_ray, run_limits
     from pipeline.stages.judge import judged
     from pipeline.stages.student import generate
     from pipeline.stages.teacher import answered
-
-    init_ray(config.ray, min_cpus=job_cpus(config))
-    limits = run_limits(config)
 
     def build():
         dataset = read_parquet(source)

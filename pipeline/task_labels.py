@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,9 +24,11 @@ from tqdm import tqdm
 from pipeline import store
 from pipeline.config import RunConfig
 from pipeline.llm.client import ChatClient, RequestFailed
+from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.endpoint import OpenEndpoint
 from pipeline.llm.judge import label_task
-from pipeline.llm.shared_limits import local_limits
+from pipeline.llm.shared_limits import Limits, local_limits
+from pipeline.llm.spend import spend_record
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,15 @@ class LabelSummary:
                 f"run) in {self.seconds:.1f} s; failed: {failed}; {tokens} tokens, ${cost:.4f}")
 
 
+async def _label_one(client: ChatClient, row: dict, categories: list[str]) -> Union[str, RequestFailed]:
+    try:
+        return await label_task(client, row["instruction"], row["input"], categories)
+    except BudgetExceeded as err:            # the rest of the chunk was paid for: it is written before stopping
+        return RequestFailed("budget_exceeded", str(err), 0)
+
+
 async def _label_chunk(client: ChatClient, chunk: list[dict], categories: list[str]) -> list[dict]:
-    results = await asyncio.gather(*(label_task(client, r["instruction"], r["input"], categories) for r in chunk))
+    results = await asyncio.gather(*(_label_one(client, r, categories) for r in chunk))
     rows = []
     for row, result in zip(chunk, results):
         failed = isinstance(result, RequestFailed)
@@ -93,7 +103,10 @@ async def _label_chunk(client: ChatClient, chunk: list[dict], categories: list[s
     return rows
 
 
-async def label_sample(config: RunConfig, endpoint: OpenEndpoint, pool: pa.Table, progress: bool = True) -> LabelSummary:
+async def label_sample(config: RunConfig, endpoint: OpenEndpoint, pool: pa.Table, progress: bool = True,
+                       limits: Optional[Limits] = None) -> LabelSummary:
+    """`limits`: the run's, when a command holds them (`tapir run`); without, this process books the calls
+    under the run's budget and spend record itself."""
     started = time.perf_counter()
     out = labels_location(config)
     out.makedirs()
@@ -102,7 +115,7 @@ async def label_sample(config: RunConfig, endpoint: OpenEndpoint, pool: pa.Table
     todo = [r for r in sample.select(["id", "instruction", "input"]).to_pylist() if r["id"] not in done]
     summary = LabelSummary(sampled=sample.num_rows, already_labelled=sample.num_rows - len(todo))
     categories = list(config.curriculum.task_targets)
-    limits = local_limits([config.teacher], config.max_cost_usd)
+    limits = limits or local_limits([config.teacher], config.max_cost_usd, spend_record(config))
     next_part = len(out.list_files(".parquet"))
     bar = tqdm(total=len(todo), unit=" rows", desc="label", disable=not progress)
     async with ChatClient(config.teacher, endpoint.base_url, endpoint.api_key, limits, endpoint.model) as client:
@@ -110,6 +123,9 @@ async def label_sample(config: RunConfig, endpoint: OpenEndpoint, pool: pa.Table
             rows = await _label_chunk(client, todo[start:start + _CHUNK_ROWS], categories)
             store.write_parquet(out, f"part-{next_part:05d}.parquet", pa.Table.from_pylist(rows, LABEL_SCHEMA))
             next_part += 1
+            refused = [row["error"] for row in rows if (row["error"] or "").startswith("budget_exceeded: ")]
+            if refused:
+                raise BudgetExceeded(refused[0].removeprefix("budget_exceeded: "))
             for row in rows:
                 if row["status"] == "ok":
                     summary.labelled += 1
@@ -117,7 +133,7 @@ async def label_sample(config: RunConfig, endpoint: OpenEndpoint, pool: pa.Table
                     summary.failed[row["error"].split(":", 1)[0]] += 1
             bar.update(len(rows))
     bar.close()
-    summary.usage = await limits.usage_by_stage()
+    summary.usage = {stage: usage for stage, usage in (await limits.usage_by_stage()).items() if stage == "label"}
     summary.seconds = time.perf_counter() - started
     store.write_json(out, store.MANIFEST, {"stage": "label", "sampled": summary.sampled, "labelled_now": summary.labelled,
                                             "failed_now": dict(summary.failed), "usage": summary.usage,

@@ -236,6 +236,7 @@ class RunLimits:
     record: Optional[Callable[[float, float], None]] = None     # (spent, in flight at worst), as they grow
     endpoints: dict[str, EndpointLimits] = field(default_factory=dict)
     _in_flight_cost: float = 0.0
+    _in_flight: int = 0
     _recorded_usd: float = float("-inf")
     refusal: Optional[str] = None       # why the budget refused a request, once it has
 
@@ -254,15 +255,22 @@ class RunLimits:
                             f"${self._in_flight_cost:.4f} in flight it would pass max_cost_usd=${self.max_cost_usd:.2f}")
             raise BudgetExceeded(self.refusal)
         reservation = limits.reserve(now, prompt_tokens, max_completion_tokens)
-        self._in_flight_cost += reservation.worst_cost_usd
-        self._record_if_grown()
+        if reservation.booked:
+            self._in_flight_cost += reservation.worst_cost_usd
+            self._in_flight += 1
+            self._record_if_grown()
         return reservation
 
     def settle(self, endpoint: str, reservation: Reservation, stage: str, outcome: Outcome, prompt_tokens: int,
                completion_tokens: int) -> None:
-        self._in_flight_cost -= reservation.worst_cost_usd
+        self._in_flight -= 1
+        # exactly 0 when idle, not what is left of subtracting the costs one by one in floating point
+        self._in_flight_cost = self._in_flight_cost - reservation.worst_cost_usd if self._in_flight else 0.0
         self.endpoints[endpoint].settle(reservation, stage, outcome, prompt_tokens, completion_tokens)
-        self._record_if_grown()     # a reply may cost more than its estimate said
+        if not self._in_flight and self.record is not None:
+            self.flush()                # idle: the record becomes exact
+        else:
+            self._record_if_grown()     # a reply may cost more than its estimate said
 
     def _record_if_grown(self) -> None:
         """Persisting only growth keeps the record an upper bound at one write per request."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from pipeline import store
+from pipeline.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +33,7 @@ class SpendRecord:
 
     def __call__(self, spent_usd: float, in_flight_worst_usd: float) -> None:
         store.write_json(self.location, SPEND_FILE, {"spent_usd": spent_usd, "in_flight_worst_usd": in_flight_worst_usd})
+
+
+def spend_record(config: RunConfig) -> SpendRecord:
+    return SpendRecord(store.locate(config.storage.run_dir, config.storage.s3_endpoint_url))
