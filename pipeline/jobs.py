@@ -42,7 +42,8 @@ def write_checkpointed(build: Callable[[], object], out: store.Location, checkpo
                        limits=None) -> list[dict]:
     """Builds the dataset with checkpointing on (keyed by the `id` column), writes it to `out`, and returns
     the time of each stage. A stopping error inside a stage (budget, refused key) is raised as itself;
-    `limits`: the run's limits, asked whether a failure came from the budget."""
+    `limits`: the run's limits, asked whether a failure came from the budget, and whether it refused rows
+    the job left for the next command (raised as BudgetExceeded once the rest is written)."""
     import ray.data
     from ray.data.checkpoint import CheckpointConfig
 
@@ -68,6 +69,10 @@ def write_checkpointed(build: Callable[[], object], out: store.Location, checkpo
                             attempt + 1, NODE_LOSS_RETRIES)
     finally:
         context.checkpoint_config = None
+    # the stages wrote the rows they paid for and left out those the budget refused (stages/endpoint_stage.py)
+    refusal = limits.budget_refusal() if limits is not None else None
+    if refusal:
+        raise BudgetExceeded(refusal)
     return stage_times(dataset)
 
 

@@ -179,3 +179,25 @@ def test_a_budget_or_key_error_inside_a_stage_reaches_the_user_unwrapped():
     except RuntimeError as wrapped:
         assert stopping_cause(wrapped) is budget
     assert stopping_cause(RuntimeError("a bug")) is None
+
+
+def test_a_batch_the_budget_stops_keeps_the_answers_it_paid_for_and_leaves_the_rest_for_the_next_command(
+        monkeypatch):
+    """A refusal inside a stage threw the whole batch away, answers already paid for included."""
+    price = {"input_per_million_usd": 10_000.0, "output_per_million_usd": 10_000.0}
+
+    async def scenario():
+        async with EmulatedAPI(latency_s=0.05) as api:
+            monkeypatch.setenv(KEY_ENV, api.api_key)
+            config = endpoint(api, price=price, max_concurrency=2)
+            # a worst case (max_tokens 512) is about $5.2, an answer about $0.75: the cap stops it part-way
+            limits = local_limits([config], max_cost_usd=14.0)
+            stage = teacher(False)(config, api.base_url, limits)
+            out = await stage(pool_rows([""] * 12))
+            await (await stage.client()).__aexit__(None, None, None)
+            return out, api, limits
+
+    out, api, limits = asyncio.run(scenario())
+    assert 0 < out.num_rows == api.stats.answered < 12                 # every paid answer is in the output
+    assert set(out.column("teacher_status").to_pylist()) == {"ok"}
+    assert limits.limits.refusal                                       # and the job stops after writing them

@@ -252,7 +252,8 @@ class RunLimits:
         if self.max_cost_usd is not None and committed + worst > self.max_cost_usd:
             self.refusal = (f"the next request could cost up to ${worst:.4f}; with ${self.total_spent_usd:.4f} "
                             f"spent (${self.spent_before_usd:.4f} of it by earlier commands) and "
-                            f"${self._in_flight_cost:.4f} in flight it would pass max_cost_usd=${self.max_cost_usd:.2f}")
+                            f"${self._in_flight_cost:.4f} in flight it would pass "
+                            f"max_cost_usd=${self.max_cost_usd:.2f}")
             raise BudgetExceeded(self.refusal)
         reservation = limits.reserve(now, prompt_tokens, max_completion_tokens)
         if reservation.booked:

@@ -32,7 +32,8 @@ class SpendRecord:
         return record.get("spent_usd", 0.0) + in_flight
 
     def __call__(self, spent_usd: float, in_flight_worst_usd: float) -> None:
-        store.write_json(self.location, SPEND_FILE, {"spent_usd": spent_usd, "in_flight_worst_usd": in_flight_worst_usd})
+        store.write_json(self.location, SPEND_FILE,
+                         {"spent_usd": spent_usd, "in_flight_worst_usd": in_flight_worst_usd})
 
 
 def spend_record(config: RunConfig) -> SpendRecord:

@@ -1,13 +1,19 @@
-"""The base of the async Ray Data stages that call the teacher or judge endpoint."""
+"""The base of the async Ray Data stages that call the teacher or judge endpoint.
+
+When the budget refuses a request, the batch's other requests finish and the rows they paid for are written:
+only the refused rows are left out of the stage's output (`paid_rows`), so the job's checkpoint does not count
+them as done and the next command asks them again; the job then stops with BudgetExceeded (jobs.py).
+"""
 from __future__ import annotations
 
 import asyncio
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import pyarrow as pa
 
 from pipeline.config import EndpointConfig, ScoringConfig
 from pipeline.llm.client import ChatClient, ChatReply, ChatRequest, RequestFailed
+from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.secret import secret_from_env
 
 
@@ -38,8 +44,28 @@ class EndpointStage:
                 return await client.complete(request)
             except RequestFailed as failed:
                 return failed
+            except BudgetExceeded as refused:
+                return RequestFailed(BUDGET_REFUSED, str(refused), 0)
 
         return dict(zip(requests, await asyncio.gather(*(one(r) for r in requests.values()))))
+
+
+BUDGET_REFUSED = "budget_exceeded"
+
+
+def refused_by_budget(results: Iterable) -> bool:
+    return any(isinstance(r, RequestFailed) and r.reason == BUDGET_REFUSED for r in results)
+
+
+def paid_rows(table: pa.Table, refused: set[int]) -> pa.Table:
+    """The stage's output without the rows at `refused` (see the module's doc)."""
+    if not refused:
+        return table
+    return table.filter(pa.array([i not in refused for i in range(table.num_rows)]))
+
+
+def refused_rows(replies: dict[int, Union[ChatReply, RequestFailed]]) -> set[int]:
+    return {i for i, reply in replies.items() if refused_by_budget([reply])}
 
 
 def reply_columns(prefix: str, rows: int, replies: dict[int, Union[ChatReply, RequestFailed]],

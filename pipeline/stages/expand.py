@@ -17,7 +17,7 @@ from pipeline.llm.client import ChatReply, ChatRequest
 from pipeline.llm.judge import request_text
 from pipeline.llm.prompts import prompt_template
 from pipeline.stages.columns import check_columns, with_columns
-from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options, reply_columns
+from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options, paid_rows, refused_rows, reply_columns
 
 REQUIRED_COLUMNS = ("id", "seed_id", "seed_instruction", "seed_input", "difficulty")
 _LABEL = re.compile(r"^\s*(?:#*\s*(?:new|created|brand new)?\s*(?:task|prompt|question)\s*#*\s*:)\s*", re.IGNORECASE)
@@ -61,9 +61,10 @@ class SeedExpander(EndpointStage):
         replies = await self.ask({i: self._request(row) for i, row in enumerate(rows)})
         instructions = [cleaned(reply.content) if isinstance(reply, ChatReply) else "" for _, reply in
                         sorted(replies.items())]
-        return with_columns(batch, {"instruction": pa.array(instructions, pa.string()),
-                                    "input": pa.array([""] * len(rows), pa.string()),
-                                    **reply_columns("expand", len(rows), replies)})
+        return paid_rows(with_columns(batch, {"instruction": pa.array(instructions, pa.string()),
+                                              "input": pa.array([""] * len(rows), pa.string()),
+                                              **reply_columns("expand", len(rows), replies)}),
+                         refused_rows(replies))
 
 
 def expanded(dataset, endpoint: EndpointConfig, base_url: str, model: str, limits, expansion: ExpansionConfig,

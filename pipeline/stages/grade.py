@@ -17,7 +17,7 @@ from pipeline.config import EndpointConfig, ScoringConfig
 from pipeline.evaluation.mtbench import Question, grading_request_text, parse_rating
 from pipeline.llm.client import ChatReply, ChatRequest, RequestFailed
 from pipeline.stages.columns import check_columns, with_columns
-from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options
+from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options, paid_rows, refused_rows
 
 REQUIRED_COLUMNS = ("id", "question_id", "category", "turns", "reference_turns", "student_answers",
                     "student_status", "student_error")
@@ -65,8 +65,9 @@ class TurnGrader(EndpointStage):
             turns = [graded.get((i, k)) or _unanswered(row) for k in range(len(row["turns"]))]
             for position, name in enumerate(_TURN_COLUMNS):
                 columns[name].append([turn[position] for turn in turns])
-        return with_columns(batch, {name: pa.array(values, pa.list_(_TURN_COLUMNS[name]))
-                                    for name, values in columns.items()})
+        return paid_rows(with_columns(batch, {name: pa.array(values, pa.list_(_TURN_COLUMNS[name]))
+                                              for name, values in columns.items()}),
+                         {asked[n][0] for n in refused_rows(replies)})
 
 
 def _unanswered(row: dict) -> tuple:

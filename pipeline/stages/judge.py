@@ -7,15 +7,17 @@ Rows without both answers are not sent to the judge.
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+from typing import Optional, Union
 
 import pyarrow as pa
 
 from pipeline.config import EndpointConfig, ScoringConfig
 from pipeline.llm.client import RequestFailed
 from pipeline.llm.judge import PairScores, judge_pair
+from pipeline.llm.limits import BudgetExceeded
 from pipeline.stages.columns import check_columns, with_columns
-from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options
+from pipeline.stages.endpoint_stage import (BUDGET_REFUSED, EndpointStage, endpoint_stage_options, paid_rows,
+                                            refused_rows)
 
 REQUIRED_COLUMNS = ("id", "instruction", "input", "student_response", "student_status", "student_error",
                     "teacher_response", "teacher_status", "teacher_error")
@@ -40,9 +42,15 @@ class PairJudge(EndpointStage):
         rows = batch.select(list(REQUIRED_COLUMNS)).to_pylist()
         client = await self.client()
         judged = [i for i, row in enumerate(rows) if upstream_failure(row) is None]
-        verdicts = dict(zip(judged, await asyncio.gather(*(
-            judge_pair(client, rows[i]["instruction"], rows[i]["input"] or "", rows[i]["teacher_response"],
-                       rows[i]["student_response"]) for i in judged))))
+
+        async def scored(row: dict) -> Union[PairScores, RequestFailed]:
+            try:
+                return await judge_pair(client, row["instruction"], row["input"] or "", row["teacher_response"],
+                                        row["student_response"])
+            except BudgetExceeded as refused:
+                return RequestFailed(BUDGET_REFUSED, str(refused), 0)
+
+        verdicts = dict(zip(judged, await asyncio.gather(*(scored(rows[i]) for i in judged))))
         teacher, student, mfd, prompt_tokens, completion_tokens, status, error = ([] for _ in range(7))
         for i, row in enumerate(rows):
             verdict = verdicts.get(i)
@@ -55,11 +63,12 @@ class PairJudge(EndpointStage):
                 values = (None, None, None, 0, 0, *upstream_failure(row))
             for column, value in zip((teacher, student, mfd, prompt_tokens, completion_tokens, status, error), values):
                 column.append(value)
-        return with_columns(batch, {
+        # a row refused by the budget is asked again, teacher included, by the next command (see endpoint_stage)
+        return paid_rows(with_columns(batch, {
             "teacher_score": pa.array(teacher, pa.float32()), "student_score": pa.array(student, pa.float32()),
             "mfd": pa.array(mfd, pa.float32()), "judge_prompt_tokens": pa.array(prompt_tokens, pa.int32()),
             "judge_completion_tokens": pa.array(completion_tokens, pa.int32()),
-            "status": pa.array(status, pa.string()), "error": pa.array(error, pa.string())})
+            "status": pa.array(status, pa.string()), "error": pa.array(error, pa.string())}), refused_rows(verdicts))
 
 
 def judged(dataset, endpoint: EndpointConfig, base_url: str, model: str, limits, scoring: ScoringConfig):

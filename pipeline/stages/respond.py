@@ -16,7 +16,7 @@ from pipeline.llm.client import ChatRequest
 from pipeline.llm.judge import request_text
 from pipeline.llm.prompts import prompt_template
 from pipeline.stages.columns import check_columns, with_columns
-from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options, reply_columns
+from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options, paid_rows, refused_rows, reply_columns
 
 REQUIRED_COLUMNS = ("id", "instruction", "input", "task")
 
@@ -56,10 +56,11 @@ class StyledAnswer(EndpointStage):
         rows = batch.select(list(REQUIRED_COLUMNS)).to_pylist()
         requests = {i: styled_request(row, self.styles, self.respond) for i, row in enumerate(rows)}
         replies = await self.ask(requests)
-        return with_columns(batch, {"style": pa.array([style_for(r["task"], self.respond) for r in rows], pa.string()),
-                                    **reply_columns("respond", len(rows), replies),
-                                    "respond_request_key": pa.array([request_key(requests[i], self.model)
-                                                                     for i in range(len(rows))], pa.string())})
+        return paid_rows(with_columns(batch, {
+            "style": pa.array([style_for(r["task"], self.respond) for r in rows], pa.string()),
+            **reply_columns("respond", len(rows), replies),
+            "respond_request_key": pa.array([request_key(requests[i], self.model) for i in range(len(rows))],
+                                            pa.string())}), refused_rows(replies))
 
 
 def responded(dataset, endpoint: EndpointConfig, base_url: str, model: str, limits, respond: RespondConfig,

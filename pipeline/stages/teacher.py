@@ -13,7 +13,7 @@ from pipeline.config import EndpointConfig, ScoringConfig
 from pipeline.llm.client import ChatRequest, RequestFailed
 from pipeline.llm.judge import request_text
 from pipeline.stages.columns import check_columns, with_columns
-from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options
+from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options, paid_rows, refused_rows
 
 REQUIRED_COLUMNS = ("id", "instruction", "input", "output")
 
@@ -52,11 +52,12 @@ class TeacherAnswer(EndpointStage):
                 values = (reply.content, "teacher", reply.prompt_tokens, reply.completion_tokens, "ok", None)
             for column, value in zip((response, source, prompt_tokens, completion_tokens, status, error), values):
                 column.append(value)
-        return with_columns(batch, {
+        return paid_rows(with_columns(batch, {
             "teacher_response": pa.array(response, pa.string()), "teacher_source": pa.array(source, pa.string()),
             "teacher_prompt_tokens": pa.array(prompt_tokens, pa.int32()),
             "teacher_completion_tokens": pa.array(completion_tokens, pa.int32()),
-            "teacher_status": pa.array(status, pa.string()), "teacher_error": pa.array(error, pa.string())})
+            "teacher_status": pa.array(status, pa.string()), "teacher_error": pa.array(error, pa.string())}),
+            refused_rows(replies))
 
 
 def answered(dataset, endpoint: EndpointConfig, base_url: str, model: str, limits, scoring: ScoringConfig,
