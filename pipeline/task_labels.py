@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pipeline import store
 from pipeline.config import RunConfig
-from pipeline.llm.client import ChatClient, RequestFailed
+from pipeline.llm.client import BUDGET_REFUSED, ChatClient, RequestFailed, unless_refused
 from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.endpoint import OpenEndpoint
 from pipeline.llm.judge import label_task
@@ -85,15 +85,10 @@ class LabelSummary:
                 f"run) in {self.seconds:.1f} s; failed: {failed}; {tokens} tokens, ${cost:.4f}")
 
 
-async def _label_one(client: ChatClient, row: dict, categories: list[str]) -> Union[str, RequestFailed]:
-    try:
-        return await label_task(client, row["instruction"], row["input"], categories)
-    except BudgetExceeded as err:            # the rest of the chunk was paid for: it is written before stopping
-        return RequestFailed("budget_exceeded", str(err), 0)
-
-
 async def _label_chunk(client: ChatClient, chunk: list[dict], categories: list[str]) -> list[dict]:
-    results = await asyncio.gather(*(_label_one(client, r, categories) for r in chunk))
+    # a refusal by the budget fails its row: the rest of the chunk was paid for, and is written before stopping
+    results = await asyncio.gather(*(unless_refused(label_task(client, r["instruction"], r["input"], categories))
+                                     for r in chunk))
     rows = []
     for row, result in zip(chunk, results):
         failed = isinstance(result, RequestFailed)
@@ -123,9 +118,9 @@ async def label_sample(config: RunConfig, endpoint: OpenEndpoint, pool: pa.Table
             rows = await _label_chunk(client, todo[start:start + _CHUNK_ROWS], categories)
             store.write_parquet(out, f"part-{next_part:05d}.parquet", pa.Table.from_pylist(rows, LABEL_SCHEMA))
             next_part += 1
-            refused = [row["error"] for row in rows if (row["error"] or "").startswith("budget_exceeded: ")]
+            refused = [row["error"] for row in rows if (row["error"] or "").startswith(f"{BUDGET_REFUSED}: ")]
             if refused:
-                raise BudgetExceeded(refused[0].removeprefix("budget_exceeded: "))
+                raise BudgetExceeded(refused[0].removeprefix(f"{BUDGET_REFUSED}: "))
             for row in rows:
                 if row["status"] == "ok":
                     summary.labelled += 1

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pipeline import store
-from pipeline.config import EndpointConfig, PriceConfig, RunConfig
+from pipeline.config import PoolConfig, PriceConfig, RunConfig
 from pipeline.llm.client import estimate_prompt_tokens
 from pipeline.llm.emulated_api import EmulatedAPI
 from pipeline.llm.endpoint import OpenEndpoint
@@ -18,7 +18,6 @@ from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.secret import Secret
 from pipeline.llm.spend import SPEND_FILE, SpendRecord
 from pipeline.pool import import_pool, read_pool
-from pipeline.config import PoolConfig
 from pipeline.task_labels import label_sample, labels_location, read_labels
 
 KEY = "sk-spend-test-0123456789"

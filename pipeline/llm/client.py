@@ -25,7 +25,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Awaitable, Optional, TypeVar, Union
 
 import aiohttp
 
@@ -35,6 +35,7 @@ from pipeline.llm.secret import Secret
 from pipeline.llm.shared_limits import Limits, endpoint_key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ERROR_BODY_CHARS = 500
 _RETRYABLE_STATUS = {408, 409, 429}
@@ -305,6 +306,18 @@ class ChatClient:
         if budget:
             raise BudgetExceededWithResults(budget[0], results)
         return results
+
+
+BUDGET_REFUSED = "budget_exceeded"
+
+
+async def unless_refused(call: Awaitable[T]) -> Union[T, RequestFailed]:
+    """What `call` gives, or a RequestFailed with reason 'budget_exceeded' when the budget refused it: the
+    caller keeps the batch's other answers, which were paid for."""
+    try:
+        return await call
+    except BudgetExceeded as refused:
+        return RequestFailed(BUDGET_REFUSED, str(refused), 0)
 
 
 class BudgetExceededWithResults(BudgetExceeded):

@@ -7,13 +7,12 @@ them as done and the next command asks them again; the job then stops with Budge
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import pyarrow as pa
 
 from pipeline.config import EndpointConfig, ScoringConfig
-from pipeline.llm.client import ChatClient, ChatReply, ChatRequest, RequestFailed
-from pipeline.llm.limits import BudgetExceeded
+from pipeline.llm.client import BUDGET_REFUSED, ChatClient, ChatReply, ChatRequest, RequestFailed, unless_refused
 from pipeline.llm.secret import secret_from_env
 
 
@@ -44,17 +43,8 @@ class EndpointStage:
                 return await client.complete(request)
             except RequestFailed as failed:
                 return failed
-            except BudgetExceeded as refused:
-                return RequestFailed(BUDGET_REFUSED, str(refused), 0)
 
-        return dict(zip(requests, await asyncio.gather(*(one(r) for r in requests.values()))))
-
-
-BUDGET_REFUSED = "budget_exceeded"
-
-
-def refused_by_budget(results: Iterable) -> bool:
-    return any(isinstance(r, RequestFailed) and r.reason == BUDGET_REFUSED for r in results)
+        return dict(zip(requests, await asyncio.gather(*(unless_refused(one(r)) for r in requests.values()))))
 
 
 def paid_rows(table: pa.Table, refused: set[int]) -> pa.Table:
@@ -64,8 +54,9 @@ def paid_rows(table: pa.Table, refused: set[int]) -> pa.Table:
     return table.filter(pa.array([i not in refused for i in range(table.num_rows)]))
 
 
-def refused_rows(replies: dict[int, Union[ChatReply, RequestFailed]]) -> set[int]:
-    return {i for i, reply in replies.items() if refused_by_budget([reply])}
+def refused_rows(replies: dict) -> set[int]:
+    """The keys of `replies` whose request the budget refused."""
+    return {i for i, reply in replies.items() if isinstance(reply, RequestFailed) and reply.reason == BUDGET_REFUSED}
 
 
 def reply_columns(prefix: str, rows: int, replies: dict[int, Union[ChatReply, RequestFailed]],

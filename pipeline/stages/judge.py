@@ -7,17 +7,15 @@ Rows without both answers are not sent to the judge.
 from __future__ import annotations
 
 import asyncio
-from typing import Optional, Union
+from typing import Optional
 
 import pyarrow as pa
 
 from pipeline.config import EndpointConfig, ScoringConfig
-from pipeline.llm.client import RequestFailed
+from pipeline.llm.client import RequestFailed, unless_refused
 from pipeline.llm.judge import PairScores, judge_pair
-from pipeline.llm.limits import BudgetExceeded
 from pipeline.stages.columns import check_columns, with_columns
-from pipeline.stages.endpoint_stage import (BUDGET_REFUSED, EndpointStage, endpoint_stage_options, paid_rows,
-                                            refused_rows)
+from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options, paid_rows, refused_rows
 
 REQUIRED_COLUMNS = ("id", "instruction", "input", "student_response", "student_status", "student_error",
                     "teacher_response", "teacher_status", "teacher_error")
@@ -43,14 +41,9 @@ class PairJudge(EndpointStage):
         client = await self.client()
         judged = [i for i, row in enumerate(rows) if upstream_failure(row) is None]
 
-        async def scored(row: dict) -> Union[PairScores, RequestFailed]:
-            try:
-                return await judge_pair(client, row["instruction"], row["input"] or "", row["teacher_response"],
-                                        row["student_response"])
-            except BudgetExceeded as refused:
-                return RequestFailed(BUDGET_REFUSED, str(refused), 0)
-
-        verdicts = dict(zip(judged, await asyncio.gather(*(scored(rows[i]) for i in judged))))
+        verdicts = dict(zip(judged, await asyncio.gather(*(unless_refused(
+            judge_pair(client, rows[i]["instruction"], rows[i]["input"] or "", rows[i]["teacher_response"],
+                       rows[i]["student_response"])) for i in judged))))
         teacher, student, mfd, prompt_tokens, completion_tokens, status, error = ([] for _ in range(7))
         for i, row in enumerate(rows):
             verdict = verdicts.get(i)
