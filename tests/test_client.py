@@ -242,19 +242,18 @@ def test_an_endpoint_that_is_down_stops_with_its_url_and_its_dead_attempts_take_
     assert all(isinstance(r, ChatReply) for r in results)
 
 
-def test_the_client_paces_itself_after_a_servers_slices_reject_it_instead_of_retrying_into_the_storm():
+def test_the_client_does_not_burst_into_a_servers_slices_and_paces_itself_once_they_reject_it():
     async def scenario():
-        # 120 a minute enforced as 2 a second, rejected requests counted (OpenAI): a burst of 12 draws 429s;
-        # the client must then go at 2 a second rather than burst again after each pause.
+        # 120 a minute enforced as 2 a second, rejected requests counted (OpenAI): a client that sent a minute's
+        # worth at once drew 1,742 429s for 58 of 360 rows in 15 minutes.
         async with EmulatedAPI(requests_per_minute=120, enforcement="slices", count_rejected=True,
                                api_key=KEY) as api:
             config = endpoint(requests_per_minute=120, max_attempts=6)
-            results, limits = await run_batch(api, config, requests(12))
+            results, limits = await run_batch(api, config, requests(20))
             return api, results, limits.limits.endpoints[endpoint_key(config)]
 
     api, results, books = asyncio.run(scenario())
     assert all(isinstance(r, ChatReply) for r in results)           # no row lost
-    assert books.paced
-    first_burst = [status for _, _, status in api.stats.arrivals[:12]]
-    later = [status for _, _, status in api.stats.arrivals[12:]]
-    assert first_burst.count(429) >= 8 and later.count(429) <= 1    # after the first burst, (nearly) no 429
+    # the slow start's second slice (or third, when it straddled two of the server's) drew them; after that the
+    # client went at the server's pace (going on doubling, or bursting after each pause, draws dozens)
+    assert books.paced and 0 < api.stats.rate_limited <= 6

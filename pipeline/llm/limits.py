@@ -13,10 +13,12 @@ rejected or failed still counts as one of the minute's requests, as OpenAI count
 the server (connection refused) counts for nothing.
 
 A server may enforce a per-minute limit in shorter slices (OpenAI: "60,000 requests/minute may be enforced as
-1,000 requests/second"). A 429 means the server counts otherwise than the books, since every request was sent
-at a time they had room for it: from the first one on, the endpoint is also paced, no more than a minute's
-limit / 60 in any SLICE_S (requests and tokens). Against a plain sliding minute no 429 comes, and the fresh
-minute is used at once.
+1,000 requests/second"), and counts the requests it rejects. So a fresh minute is not sent at once but in a
+slow start: a minute's limit / 60 in the first SLICE_S, twice as much in each slice after, until the whole
+minute is in use (log2(60): 6 slices). A 429 means the server counts otherwise than the books, since every
+request was sent at a time they had room for it: from the first one on, the endpoint is paced, no more than a
+minute's limit / 60 in any SLICE_S (requests and tokens). Against a plain sliding minute no 429 comes, and the
+minute is in full use after 6 s; against slices, the slow start draws a few 429s, not a minute's worth.
 
 A 429 or exhausted rate-limit headers pause every request of the endpoint until the time the server gives;
 a pause longer than the endpoint's max_pause_s refuses the requests instead (PausedTooLong). After
@@ -128,6 +130,7 @@ class EndpointLimits:
     max_connection_failures: Optional[int] = None
     usage_by_stage: dict[str, Usage] = field(default_factory=dict)
     paced: bool = False                                  # set by the first 429: see the module's doc
+    _first_start: float = float("inf")                   # of the first request booked: the slow start's origin
     connection_failures: int = 0                         # consecutive, across every worker
     _events: deque = field(default_factory=deque)      # [start, tokens, id] of booked requests, by start
     _by_id: dict = field(default_factory=dict)
@@ -165,14 +168,22 @@ class EndpointLimits:
         while True:
             start = _earliest(self._events, start, WINDOW_S, self.requests_per_minute, self.tokens_per_minute,
                               self._tokens_in_window, tokens)
-            if not self.paced:
+            if (in_slice := self._slice_limits(start)) is None:
                 return start
             recent = deque(e for e in self._events if e[0] > start - 2 * SLICE_S)
-            sliced = _earliest(recent, start, SLICE_S, max(1, self.requests_per_minute // 60),
-                               max(1, self.tokens_per_minute // 60), sum(e[1] for e in recent), tokens)
+            sliced = _earliest(recent, start, SLICE_S, *in_slice, sum(e[1] for e in recent), tokens)
             if sliced == start:
                 return start
             start = sliced         # later in time: the minute can only have more room, but check it again
+
+    def _slice_limits(self, start: float) -> Optional[tuple[int, int]]:
+        """The most requests and tokens that may start in a SLICE_S at `start` (the module's doc says why), or
+        None when the minute is the only bound."""
+        doublings = 0 if self.paced else min(30, int(max(0.0, start - self._first_start) / SLICE_S))
+        requests = max(1, self.requests_per_minute // 60) << doublings
+        if requests >= self.requests_per_minute:
+            return None
+        return requests, max(1, self.tokens_per_minute // 60) << doublings
 
     def reserve(self, now: float, prompt_tokens: int, max_completion_tokens: int) -> Reservation:
         """Books a request (prompt estimate, max_tokens) if it can start within BOOK_AHEAD_S."""
@@ -192,6 +203,7 @@ class EndpointLimits:
         self._by_id[event_id] = event
         self._tokens_in_window += tokens
         self._last_start = start
+        self._first_start = min(self._first_start, start)
         return Reservation(start, tokens, worst, True, event_id)
 
     def settle(self, reservation: Reservation, stage: str, outcome: Outcome, prompt_tokens: int,
