@@ -172,9 +172,23 @@ def test_earlier_commands_spend_counts_against_the_cap_and_the_record_never_lags
         (spent, in_flight)))
     limits.add_endpoint("teacher", endpoint(price=price))
     first = limits.reserve("teacher", 0.0, prompt_tokens=2, max_completion_tokens=2)      # 4 + 4 <= 10
-    assert recorded[-1] == (4.0, 4.0)            # written before the request goes: a kill now leaves $8 on record
+    assert recorded[-1] == (4.0, 8.0 + 0.1)      # written before the request goes: a kill now leaves $8.10
+    assert len(recorded) == 1
     with pytest.raises(BudgetExceeded, match=r"\$4.0000 of it by earlier commands"):
         limits.reserve("teacher", 0.0, prompt_tokens=2, max_completion_tokens=2)         # 8 + 4 > 10
     limits.settle("teacher", first, "teacher", "unknown", 2, 2)      # a timeout: counted at its worst case
     assert limits.total_spent_usd == 8.0 and limits.usage_by_stage()["teacher"]["usage_estimated"] == 1
-    assert limits.flush() == 8.0 and recorded[-1] == (8.0, 0.0)
+    assert recorded[-1] == (8.0, 8.0) and limits.flush() == 8.0     # idle: the record is exact
+
+
+def test_the_spend_record_is_written_once_per_percent_of_the_cap_and_never_lags_the_money():
+    price = PriceConfig(input_per_million_usd=1_000.0, output_per_million_usd=1_000.0)       # $0.001 a token
+    recorded = []
+    limits = RunLimits(max_cost_usd=10.0, record=lambda spent, bound: recorded.append(bound))
+    limits.add_endpoint("teacher", endpoint(rpm=10**6, price=price))
+    held = [limits.reserve("teacher", 0.0, prompt_tokens=5, max_completion_tokens=5)]         # $0.01 at worst
+    for _ in range(999):
+        held.append(limits.reserve("teacher", 0.0, prompt_tokens=5, max_completion_tokens=5))
+        limits.settle("teacher", held.pop(0), "t", "ok", 5, 5)
+        assert recorded[-1] >= limits.total_spent_usd + 0.01                # the spend and the one in flight
+    assert 90 <= len(recorded) <= 110                                       # ~$10 spent: ~100 writes, not 1000

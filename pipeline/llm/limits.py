@@ -27,9 +27,10 @@ max_connection_failures consecutive connection failures the endpoint refuses eve
 The budget is the run's, across all its endpoints and all the commands run on its directory: a request is
 refused when its worst-case cost, added to what was spent before (`spent_before_usd`), what was spent since
 and what is in flight, would pass max_cost_usd. A request whose usage is unknown (no `usage` in the reply, a
-timeout, a reset, a cut-off body) is counted at its worst case. `record` is told the spend, settled and in
-flight, whenever the worst case of what was spent grows: the caller persists it, so a run killed with SIGKILL
-restarts from an amount it cannot have passed.
+timeout, a reset, a cut-off body) is counted at its worst case. `record` is told the settled spend and a
+bound the spend cannot have passed (what is settled, what is in flight at its worst, and RECORD_AHEAD of the cap
+more) before a request could take the spend past the last bound told, and the exact spend whenever nothing is in
+flight: the caller persists it, so a run killed with SIGKILL restarts from an amount it cannot have passed.
 
 The same object runs in-process (one worker) or inside a named Ray actor (a whole cluster); callers
 pass `now` so it can be tested with a made-up clock.
@@ -45,6 +46,7 @@ from pipeline.config import EndpointConfig, PriceConfig
 WINDOW_S = 61.0          # the server's minute, plus a second for a request to reach it
 BOOK_AHEAD_S = 1.0       # a request is booked at most this long before it may start
 SLICE_S = 1.05           # a paced endpoint's slice: a second, plus a margin for arrival jitter
+RECORD_AHEAD = 0.01      # share of the cap the spend record is written ahead of the spend
 
 # How an attempt ended, for the books: 'ok' answered with usage; 'estimated' answered without usage;
 # 'unknown' given up on or cut off (timeout, reset, truncated body: the server may have billed it);
@@ -245,7 +247,7 @@ class RunLimits:
 
     max_cost_usd: Optional[float] = None
     spent_before_usd: float = 0.0       # by earlier commands on the run's directory, worst case
-    record: Optional[Callable[[float, float], None]] = None     # (spent, in flight at worst), as they grow
+    record: Optional[Callable[[float, float], None]] = None     # (spent, a bound it cannot have passed)
     endpoints: dict[str, EndpointLimits] = field(default_factory=dict)
     _in_flight_cost: float = 0.0
     _in_flight: int = 0
@@ -286,16 +288,20 @@ class RunLimits:
             self._record_if_grown()     # a reply may cost more than its estimate said
 
     def _record_if_grown(self) -> None:
-        """Persisting only growth keeps the record an upper bound at one write per request."""
+        """Records an upper bound of the spend before it is passed: what is committed (spent + in flight at
+        worst) and RECORD_AHEAD of the cap (of the spend so far, without one) beyond it, never past the cap.
+        One write per RECORD_AHEAD of growth rather than one per request: on object storage each is an upload."""
         committed = self.total_spent_usd + self._in_flight_cost
         if self.record is not None and committed > self._recorded_usd:
-            self.flush()
+            bound = committed + RECORD_AHEAD * (self.max_cost_usd or committed)
+            self._recorded_usd = bound if self.max_cost_usd is None else min(bound, self.max_cost_usd)
+            self.record(self.total_spent_usd, self._recorded_usd)
 
     def flush(self) -> float:
         """Records the spend as it is now (exact when nothing is in flight); returns the run's total."""
         if self.record is not None:
-            self.record(self.total_spent_usd, self._in_flight_cost)
             self._recorded_usd = self.total_spent_usd + self._in_flight_cost
+            self.record(self.total_spent_usd, self._recorded_usd)
         return self.total_spent_usd
 
     def pause_until(self, endpoint: str, until: float) -> None:

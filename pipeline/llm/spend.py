@@ -1,10 +1,11 @@
 """The run's spend as it happens, in RUN_DIR/spend.json: what every command on the run directory has paid.
 
-Written by whoever holds the run's limits (the limits actor, or the process of a command without Ray) each
-time the worst case of what was spent grows, that is about once per request sent: the settled spend and the
-worst case of the requests in flight. A command killed with SIGKILL leaves a record that its spend cannot have
-passed (requests in flight then may have been answered and billed, so they count at their worst case), and the
-next command's budget starts from it.
+Written by whoever holds the run's limits (the limits actor, or the process of a command without Ray): the
+settled spend, and a bound the spend cannot have passed, written before any request could pass it (limits.py:
+what is settled, the requests in flight at their worst case, and 1% of the cap more, so that the record is
+written about once per 1% of the cap rather than once per request). A command killed with SIGKILL leaves that
+bound (requests in flight then may have been answered and billed), and the next command's budget starts from
+it: at most 1% of the cap plus what was in flight is counted that was perhaps not spent, never less.
 """
 from __future__ import annotations
 
@@ -23,17 +24,17 @@ class SpendRecord:
         self.location = location
 
     def spent_before(self) -> float:
-        """What earlier commands spent, worst case: their settled spend and what they had in flight."""
+        """What earlier commands spent, at worst: the bound the last one recorded."""
         record = store.read_json(self.location, SPEND_FILE) or {}
-        in_flight = record.get("in_flight_worst_usd", 0.0)
-        if in_flight:
-            log.warning("%s: the last command stopped with requests in flight; counting them at their worst "
-                        "case, $%.4f", self.location.child(SPEND_FILE).uri, in_flight)
-        return record.get("spent_usd", 0.0) + in_flight
+        spent, bound = record.get("spent_usd", 0.0), record.get("bound_usd", 0.0)
+        if bound > spent:
+            log.warning("%s: the last command stopped without settling its spend (killed?); counting $%.4f, the "
+                        "most it can have spent, not the $%.4f it had settled", self.location.child(SPEND_FILE).uri,
+                        bound, spent)
+        return max(spent, bound)
 
-    def __call__(self, spent_usd: float, in_flight_worst_usd: float) -> None:
-        store.write_json(self.location, SPEND_FILE,
-                         {"spent_usd": spent_usd, "in_flight_worst_usd": in_flight_worst_usd})
+    def __call__(self, spent_usd: float, bound_usd: float) -> None:
+        store.write_json(self.location, SPEND_FILE, {"spent_usd": spent_usd, "bound_usd": bound_usd})
 
 
 def spend_record(config: RunConfig) -> SpendRecord:
