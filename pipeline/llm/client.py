@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ERROR_BODY_CHARS = 500
+BUDGET_REFUSED = "budget_exceeded"       # the reason of a request the budget did not let go
 _RETRYABLE_STATUS = {408, 409, 429}
 _BACKOFF_BASE_S = 0.5
 _BACKOFF_CAP_S = 30.0
@@ -293,22 +294,19 @@ class ChatClient:
 
         async def one(request: ChatRequest) -> Union[ChatReply, RequestFailed]:
             if budget:
-                return RequestFailed("budget_exceeded", str(budget[0]), 0)
+                return RequestFailed(BUDGET_REFUSED, str(budget[0]), 0)
             try:
                 return await self.complete(request)
             except RequestFailed as failed:
                 return failed
             except BudgetExceeded as err:
                 budget.append(err)
-                return RequestFailed("budget_exceeded", str(err), 0)
+                return RequestFailed(BUDGET_REFUSED, str(err), 0)
 
         results = await asyncio.gather(*(one(r) for r in requests))
         if budget:
             raise BudgetExceededWithResults(budget[0], results)
         return results
-
-
-BUDGET_REFUSED = "budget_exceeded"
 
 
 async def unless_refused(call: Awaitable[T]) -> Union[T, RequestFailed]:
