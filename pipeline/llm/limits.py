@@ -46,7 +46,8 @@ from pipeline.config import EndpointConfig, PriceConfig
 WINDOW_S = 61.0          # the server's minute, plus a second for a request to reach it
 BOOK_AHEAD_S = 1.0       # a request is booked at most this long before it may start
 SLICE_S = 1.05           # a paced endpoint's slice: a second, plus a margin for arrival jitter
-RECORD_AHEAD = 0.01      # share of the cap the spend record is written ahead of the spend
+RECORD_AHEAD = 0.01      # share of the cap (without one, of the spend) the spend record is written ahead by
+RECORD_AHEAD_MIN_USD = 0.01     # and without a cap at least this
 
 # How an attempt ended, for the books: 'ok' answered with usage; 'estimated' answered without usage;
 # 'unknown' given up on or cut off (timeout, reset, truncated body: the server may have billed it);
@@ -289,12 +290,15 @@ class RunLimits:
 
     def _record_if_grown(self) -> None:
         """Records an upper bound of the spend before it is passed: what is committed (spent + in flight at
-        worst) and RECORD_AHEAD of the cap (of the spend so far, without one) beyond it, never past the cap.
-        One write per RECORD_AHEAD of growth rather than one per request: on object storage each is an upload."""
+        worst) and RECORD_AHEAD of the cap beyond it, never past the cap (without a cap, RECORD_AHEAD of the spend
+        or RECORD_AHEAD_MIN_USD). One write per RECORD_AHEAD of growth rather than one per request: on object
+        storage each is an upload."""
         committed = self.total_spent_usd + self._in_flight_cost
         if self.record is not None and committed > self._recorded_usd:
-            bound = committed + RECORD_AHEAD * (self.max_cost_usd or committed)
-            self._recorded_usd = bound if self.max_cost_usd is None else min(bound, self.max_cost_usd)
+            if self.max_cost_usd is None:
+                self._recorded_usd = committed + max(RECORD_AHEAD * committed, RECORD_AHEAD_MIN_USD)
+            else:
+                self._recorded_usd = min(committed + RECORD_AHEAD * self.max_cost_usd, self.max_cost_usd)
             self.record(self.total_spent_usd, self._recorded_usd)
 
     def flush(self) -> float:
