@@ -26,10 +26,21 @@ def engine_kwargs(config: StudentConfig, model_dir: str) -> dict[str, Any]:
     engine = config.engine
     kwargs = {"model": model_dir, "max_model_len": engine.max_model_len, "dtype": engine.dtype,
               "enforce_eager": engine.enforce_eager, "tensor_parallel_size": engine.tensor_parallel_size,
-              "seed": config.sampling.seed or 0, **engine.extra_args}
+              "seed": config.sampling.seed or 0}
+    if engine.tensor_parallel_size == 1:
+        # one worker: in the engine's process (vLLM's choice on one GPU; on CPU it would spawn a process of its own)
+        kwargs["distributed_executor_backend"] = "uni"
     if engine.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-    return kwargs
+    return {**kwargs, **engine.extra_args}
+
+
+def in_process_engine(config: StudentConfig) -> bool:
+    """On CPU with one worker the engine core runs in the actor's process. vLLM's default there is a process for
+    the core and another for the worker, each importing vLLM, with a core kept free for the former: on 2 cores
+    that start took 36 s against 15 s, and generated at 0.66x the speed (benchmarks/bench_engine_start.py).
+    On GPUs the separate core process overlaps scheduling with the GPU's work, so it stays."""
+    return not config.num_gpus_per_actor and config.engine.tensor_parallel_size == 1
 
 
 def sampling_params(config: StudentConfig):
@@ -50,6 +61,8 @@ class StudentGenerator:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.kv_cache_space_gib))
         # vLLM's per-engine start-up log would bury the job's progress in the driver's output
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if in_process_engine(config):
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         self.llm = LLM(**engine_kwargs(config, local_model(model_dir)))
