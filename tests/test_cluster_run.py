@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.llm.emulated_api import EmulatedAPI
-from test_run import BATCH, KEY_ENV, ROWS, teacher_reply, write_config, write_pool
+from processes import with_environment
+from test_run import BATCH, EXPANDED, KEY_ENV, PLANNED, ROWS, teacher_reply, write_config, write_pool
 
 pytestmark = pytest.mark.slow
 
@@ -77,14 +78,7 @@ class LoopbackCluster:
                                "--node-manager-port", str(free_port()), "--temp-dir", self.second_temp_dir])
 
     def processes(self, marker: str) -> list[psutil.Process]:
-        found = []
-        for process in psutil.process_iter():
-            try:
-                if process.environ().get(MARKER_ENV) == marker:
-                    found.append(process)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
+        return with_environment(MARKER_ENV, marker)
 
     def kill(self, marker: str) -> int:
         """SIGKILLs every process of a node at once (raylet, object store, workers, agents): a lost machine."""
@@ -150,7 +144,7 @@ def test_a_submitted_run_finishes_after_losing_a_node_mid_stage_with_every_row_o
     config = write_config(
         tmp_path, write_pool(tmp_path, shared_data), api, prepared_student.parent.parent, ray={"address": "auto"},
         student={"batch_size": BATCH, "sampling": {"max_tokens": 64}, "num_actors": 2},    # long enough to kill
-        curriculum={"rounds": 1, "rows_per_round": 24, "expansion_per_round": 12, "mfd_threshold": 0.0,
+        curriculum={"rounds": 1, "rows_per_round": PLANNED, "expansion_per_round": EXPANDED, "mfd_threshold": 0.0,
                     "keep_reference_outputs": False})
     run = tmp_path / "run"
     submitter = {**env, "RAY_AUTH_TOKEN": cluster.token}         # the submitting machine has no teacher key
@@ -223,7 +217,7 @@ def test_a_submitted_run_finishes_after_losing_a_node_mid_stage_with_every_row_o
     plan = {r["id"]: r["copies"] for r in pq.read_table(run / "round_0" / "plan" / "plan.parquet").to_pylist()}
     train = pq.read_table(run / "round_0" / "train" / "part-0.parquet").to_pylist()
     new_rows = pq.read_table(run / "round_0" / "expand" / "new_rows.parquet").to_pylist()
-    assert sum(plan.values()) == 24 and Counter(r["id"] for r in train if r["origin"] == "pool") == plan
+    assert sum(plan.values()) == PLANNED and Counter(r["id"] for r in train if r["origin"] == "pool") == plan
     assert sorted(r["id"] for r in train if r["origin"] == "expansion") == sorted(
         r["id"] for r in new_rows if r["status"] == "ok")
     state = json.loads((run / "state.json").read_text())
