@@ -1,7 +1,6 @@
 """The `tapir` commands as a user types them."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

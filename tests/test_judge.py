@@ -7,7 +7,7 @@ import pytest
 from pipeline.config import DEFAULT_TASK_TARGETS, EndpointConfig
 from pipeline.llm.client import ChatClient, RequestFailed
 from pipeline.llm.emulated_api import EmulatedAPI
-from pipeline.llm.judge import PairScores, judge_pair, label_task, parse_label, parse_scores
+from pipeline.llm.judge import judge_pair, label_task, parse_label, parse_scores
 from pipeline.llm.secret import Secret
 from pipeline.llm.shared_limits import local_limits
 
@@ -88,26 +88,3 @@ def test_labelling_uses_a_constrained_choice_and_marks_rows_it_cannot_label():
     assert asyncio.run(scenario(enum_reply)) == "Code Debug"
     unlabelled = asyncio.run(scenario(lambda body: "Hmm, hard to say."))
     assert isinstance(unlabelled, RequestFailed) and unlabelled.reason == "unlabelled"
-
-
-@pytest.mark.slow
-def test_judge_and_labeller_against_the_real_local_vllm_teacher(prepared_student):
-    from pipeline.config import LocalServerConfig
-    from pipeline.llm.local_server import LocalTeacherServer
-
-    with LocalTeacherServer(LocalServerConfig(), str(prepared_student), "tapir-teacher") as server:
-        config = EndpointConfig(model="tapir-teacher")
-
-        async def work():
-            async with ChatClient(config, server.base_url, server.api_key, local_limits([config], None)) as client:
-                scores = await judge_pair(client, "What is the capital of France?", "",
-                                          "The capital of France is Paris.", "I like turtles.")
-                label = await label_task(client, "Compute 17 * 23.", "", CATEGORIES)
-                return scores, label, client._structured
-
-        scores, label, structured = asyncio.run(work())
-    assert structured                               # vLLM accepted response_format json_schema
-    assert isinstance(scores, PairScores)           # its JSON parsed; a 135M judge's scores are noise
-    assert 1 <= scores.teacher_score <= 10 and 1 <= scores.student_score <= 10
-    assert scores.mfd == scores.teacher_score - scores.student_score
-    assert label in CATEGORIES                      # constrained decoding keeps it in the list

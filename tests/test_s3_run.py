@@ -2,9 +2,11 @@
 of score → plan → expand → respond → train with the real vLLM student, classifier, Ray Train and DeepSpeed, the
 paid API played by a loopback server. Every file the round writes must be in the bucket and nothing of it on
 local disk but the model cache; then round 1 scores with the round-0 student, copied from the bucket.
+
+The round trains with ZeRO-3 on two workers, the layout that shards the weights: the model exported to the
+bucket must hold every tensor whole, not one rank's partition.
 """
 import json
-import os
 import subprocess
 from collections import Counter
 from dataclasses import dataclass
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import safetensors.torch
+import torch
 import yaml
 
 from pipeline.llm.emulated_api import EmulatedAPI
@@ -35,6 +39,7 @@ class S3Run:
     env: dict
     work: Path              # the commands' working directory: a relative local run dir would land here
     cache: Path             # storage.cache_dir
+    student: Path           # the prepared bundled student the round started from
     first: subprocess.CompletedProcess
     calls: Counter          # the prompts the API answered during the run
 
@@ -55,9 +60,9 @@ def write_config(path: Path, pool: Path, api: EmulatedAPI, s3: S3Server, cache: 
         "curriculum": {"rounds": 1, "rows_per_round": PLANNED, "expansion_per_round": EXPANDED,
                        "mfd_threshold": 0.0, "keep_reference_outputs": False},
         "scoring": {"batch_size": 10, "batches_in_flight_per_actor": 1},
-        "respond": {"max_tokens": 32},
-        "training": {"epochs": 1, "effective_batch_size": 2, "micro_batch_size": 2, "max_len": 192,
-                     "eval_fraction": 0.0},
+        "respond": {"max_tokens": 16},
+        "training": {"epochs": 1, "effective_batch_size": 4, "micro_batch_size": 2, "max_len": 192,
+                     "eval_fraction": 0.0, "zero_stage": 3, "num_workers": 2},
     }
     path.write_text(yaml.safe_dump(config))
 
@@ -79,7 +84,7 @@ def s3_run(tmp_path_factory, shared_data, prepared_student):
         first = tapir("run", str(config), env=env, cwd=work, timeout=1500)
         assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
         print(first.stdout)
-        yield S3Run(s3, api, config, env, work, cache, first, Counter(api.stats.answered_prompts))
+        yield S3Run(s3, api, config, env, work, cache, prepared_student, first, Counter(api.stats.answered_prompts))
 
 
 @pytest.mark.timeout(1800)     # the module's run: ~9 min on 2 cores beside other work, 14 min under heavy load
@@ -123,6 +128,13 @@ def test_a_round_on_s3_writes_every_stage_manifest_model_and_report_to_the_bucke
                                                                              ["total_steps"] + 1))
     model_config = json.loads(s3.read(f"{RUN}/round_0/model/config.json"))
     assert model_config["model_type"] == "llama"
+    # ZeRO-3 on two workers: each worker's micro-batch counts, and the export gathered whole tensors
+    plan = manifests["sft"]["steps"]
+    assert plan["effective_batch_size"] == 4 and plan["accumulation_steps"] == 1
+    trained = safetensors.torch.load(s3.read(f"{RUN}/round_0/model/model.safetensors"))
+    base = safetensors.torch.load_file(run.student / "model.safetensors")
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in base.items()}
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
     train = pq.read_table(f"{RUN}/round_0/train/part-0.parquet", filesystem=s3.filesystem())
     assert Counter(train.column("origin").to_pylist())["pool"] == PLANNED
 

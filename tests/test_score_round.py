@@ -67,7 +67,6 @@ def test_a_killed_scoring_round_resumes_with_every_row_once_and_no_answered_call
 
         killed = start_score(config, env)
         kill_when(killed, lambda: len(written_files(run)) >= 2, 480, killed.stderr)
-        calls_before_resume = Counter(api.stats.answered_prompts)
         ids_before_resume = {i for f in written_files(run) for i in pads.dataset(f).to_table(columns=["id"])
                              .column("id").to_pylist()}
 

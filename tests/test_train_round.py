@@ -1,5 +1,6 @@
 """`tapir train` end to end: Ray Train + DeepSpeed ZeRO-2 (gloo, CPU) on real Alpaca rows, killed with SIGKILL
-mid-epoch and run again; the trained model is a safetensors directory that vLLM answers from."""
+mid-epoch and run again; the trained model is a safetensors directory that vLLM answers from. (ZeRO-3 on two
+workers is trained, exported and checked whole by the s3 round in tests/test_s3_run.py.)"""
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TAPIR = str(Path(sys.executable).with_name("tapir"))
-ROWS = 40
+ROWS = 24          # with 2 epochs and a step of 4 sequences: 6 steps, so a kill lands mid-epoch
 
 
 def write_config(tmp_path: Path, cache_dir: Path, **training) -> Path:
@@ -116,21 +117,3 @@ def test_a_training_set_with_every_row_over_max_len_stops_before_any_worker_star
     assert f"all {ROWS + 1} rows are longer than training.max_len=16" in result.stderr
     assert "RayTrainWorker" not in result.stderr + result.stdout
     assert not (tmp_path / "run" / "round_0" / "checkpoint").exists()
-
-
-@pytest.mark.timeout(1800)
-def test_zero3_on_two_workers_gathers_the_whole_model(tmp_path, shared_data, prepared_student):
-    data = tmp_path / "rows.jsonl"
-    write_rows(data, shared_data)
-    config = write_config(tmp_path, prepared_student.parent.parent, epochs=1, zero_stage=3, num_workers=2)
-    result = subprocess.run([TAPIR, "train", str(config), "--data", str(data)], capture_output=True, text=True,
-                            cwd=REPO, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    manifest = json.loads((tmp_path / "run" / "round_0" / "sft" / "_manifest.json").read_text())
-    assert manifest["complete"] and manifest["steps"]["effective_batch_size"] == 4     # 2 workers x micro 2
-    trained = load_file(tmp_path / "run" / "round_0" / "model" / "model.safetensors")
-    base = load_file(prepared_student / "model.safetensors")
-    # whole tensors, not one rank's ZeRO-3 partition
-    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in base.items()}
-    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
-    assert manifest["smoke"][0]["status"] == "ok"
