@@ -1,15 +1,15 @@
 """Several Ray workers share one rate limit through the named limits actor."""
-import asyncio
 import os
+import time
 
 import pytest
 import ray
 
 from pipeline.config import EndpointConfig
-from pipeline.llm.client import ChatClient, ChatReply, ChatRequest
+from pipeline.llm.client import ChatClient, ChatReply, ChatRequest, RequestFailed
 from pipeline.llm.emulated_api import EmulatedAPI
 from pipeline.llm.secret import secret_from_env
-from pipeline.llm.shared_limits import local_limits, shared_limits
+from pipeline.llm.shared_limits import endpoint_key, local_limits, shared_limits
 
 pytestmark = pytest.mark.slow
 KEY_ENV = "TAPIR_TEST_EMULATED_KEY"
@@ -23,6 +23,14 @@ class Worker:
         async with ChatClient(config, base_url, secret_from_env(config.api_key_env, "test"), limits) as client:
             results = await client.complete_all(requests)
         return sum(isinstance(r, ChatReply) for r in results)
+
+    async def send_one(self, config: EndpointConfig, base_url: str, limits, prompt: str) -> tuple[str, int]:
+        request = ChatRequest([{"role": "user", "content": prompt}], max_tokens=8)
+        async with ChatClient(config, base_url, secret_from_env(config.api_key_env, "test"), limits) as client:
+            try:
+                return "ok", (await client.complete(request)).attempts
+            except RequestFailed as failed:
+                return failed.reason, failed.attempts
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +59,23 @@ def test_workers_sharing_the_limit_never_get_a_429_where_separate_pacing_does(ra
     with separate.serving_in_thread():
         run_workers(separate, shared=False, tag="separate")
         assert separate.stats.rate_limited > 0        # three workers each pacing at the full rate overrun it
+
+
+def test_a_429_one_worker_gets_pauses_another_worker_until_its_retry_after(ray_cluster):
+    api = EmulatedAPI(requests_per_minute=3, api_key=os.environ[KEY_ENV])
+    with api.serving_in_thread():
+        config = EndpointConfig(kind="remote", base_url=api.base_url, model="m", api_key_env=KEY_ENV,
+                                requests_per_minute=600, max_attempts=1)
+        limits = shared_limits("test-pause", [config], None)
+        first, second = Worker.remote(), Worker.remote()
+        ray.get([first.__ray_ready__.remote(), second.__ray_ready__.remote()])
+        # The server allows 3 requests a minute and its minute is full for 3 more seconds; the client believes 600.
+        api._window.extend([(time.monotonic() - 57.0, 1)] * 3)
+        # the first worker's only attempt draws the 429, and the pause is recorded in the run's limits actor
+        assert ray.get(first.send_one.remote(config, api.base_url, limits, "first")) == ("rate_limited", 1)
+        paused_until = ray.get(limits.actor.paused_until.remote(endpoint_key(config)))
+        # the second worker, another process, asks only after the pause it never saw a 429 for
+        assert ray.get(second.send_one.remote(config, api.base_url, limits, "second")) == ("ok", 1)
+    arrivals = {prompt: (at, status) for at, prompt, status in api.stats.arrivals}
+    assert arrivals["first"][1] == 429 and arrivals["second"][1] == 200 and api.stats.rate_limited == 1
+    assert arrivals["first"][0] < paused_until <= arrivals["second"][0]      # monotonic: one clock per machine
