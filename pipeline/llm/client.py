@@ -245,7 +245,7 @@ class ChatClient:
                                  final=not self.config.retry_timeouts) from None
             except aiohttp.ClientPayloadError as err:
                 raise _Transient("truncated", f"the response body was cut off ({err})") from None
-            except aiohttp.ClientConnectorError as err:
+            except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as err:       # the server never saw it
                 outcome, billed = "unreached", (0, 0)
                 raise _Transient("connection", f"{type(err).__name__}: {err}") from None
             except aiohttp.ClientError as err:
