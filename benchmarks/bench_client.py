@@ -88,8 +88,10 @@ def bench_pacing(minutes: float) -> list[dict]:
                               latency_s=0.2, latency_jitter_s=0.2, api_key=os.environ[KEY_ENV])
             per_minute = rpm if bound == "rpm" else tpm // tokens_per_request
             with api.serving_in_thread():
+                # this server counts the tokens a reply used, and the client is told so
                 result = run_workers(api, workers, int(per_minute * (minutes + 1.5)), f"{bound}{workers}",
-                                     rpm if bound == "rpm" else UNLIMITED, tpm if bound == "tpm" else UNLIMITED)
+                                     rpm if bound == "rpm" else UNLIMITED, tpm if bound == "tpm" else UNLIMITED,
+                                     tokens_counted_as="used")
             mean, peak, span = window_utilisation(api.stats.answered_at, weight_tokens=bound == "tpm")
             results.append({"bound": bound, "limit": limit, "ratio": round(mean / limit, 4),
                             "peak_window_over_limit": round(peak / limit, 4), "measured_s": round(span, 1), **result})
