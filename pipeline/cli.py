@@ -100,16 +100,18 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
     if args.port is not None:
         local = teacher.local.model_copy(update={"port": args.port})
         teacher = teacher.model_copy(update={"local": local})
-    # SIGTERM (kill, a supervisor) stops the server as cleanly as Ctrl-C does.
+    # SIGTERM (kill, a supervisor) stops the server as cleanly as Ctrl-C does; and Ctrl-C (SIGINT) does so even
+    # when this process was started with SIGINT ignored, as a shell's background job (`cmd &`) is
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with open_endpoint(teacher, config.storage.cache_dir) as endpoint:
-        print(f"base_url  {endpoint.base_url}\nmodel     {endpoint.model}")
-        if args.print_key:
-            print(f"api_key   {endpoint.api_key.reveal()}")
-        else:
-            print(f"api_key   ${teacher.api_key_env} if it was set, else a random one (--print-key shows it)")
-        print("serving; Ctrl-C stops", flush=True)
         try:
+            print(f"base_url  {endpoint.base_url}\nmodel     {endpoint.model}")
+            if args.print_key:
+                print(f"api_key   {endpoint.api_key.reveal()}")
+            else:
+                print(f"api_key   ${teacher.api_key_env} if it was set, else a random one (--print-key shows it)")
+            print("serving; Ctrl-C stops", flush=True)
             while True:
                 endpoint.server.check_alive()
                 time.sleep(1.0)

@@ -67,9 +67,6 @@ def engine_cli_args(engine: VllmEngineConfig) -> list[str]:
         args.append("--enforce-eager")
     if engine.gpu_memory_utilization is not None:
         args += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
-    if engine.tensor_parallel_size == 1 and "distributed_executor_backend" not in engine.extra_args:
-        # the one worker in the engine core's process, as vLLM does on one GPU (on CPU it spawns a third process)
-        args += ["--distributed-executor-backend", "uni"]
     for name, value in engine.extra_args.items():
         flag = "--" + name.replace("_", "-")
         if value is True:

@@ -28,7 +28,8 @@ def engine_kwargs(config: StudentConfig, model_dir: str) -> dict[str, Any]:
               "enforce_eager": engine.enforce_eager, "tensor_parallel_size": engine.tensor_parallel_size,
               "seed": config.sampling.seed or 0}
     if engine.tensor_parallel_size == 1:
-        # one worker: in the engine's process (vLLM's choice on one GPU; on CPU it would spawn a process of its own)
+        # one worker, in the engine's process: vLLM's choice on one GPU; on CPU it holds only with the engine core
+        # in this process too (in_process_engine), else vLLM's CPU platform turns it back into a worker process
         kwargs["distributed_executor_backend"] = "uni"
     if engine.gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
