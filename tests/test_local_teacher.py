@@ -99,16 +99,16 @@ def test_a_model_that_fails_to_load_is_a_clear_error_not_a_hang(tmp_path):
     assert not server.running
 
 
-def test_a_server_that_dies_is_reported(prepared_student, tmp_path):
+def test_a_server_that_dies_is_reported(teacher):
+    """Last in this module on purpose: it kills the module's server (whose teardown then finds it stopped)."""
     import os
     import signal
 
-    server = LocalTeacherServer(LocalServerConfig(), str(prepared_student), "t", log_path=tmp_path / "vllm.log")
-    with server:
-        group = server._process.pid
-        os.kill(group, signal.SIGKILL)
-        server._process.wait(timeout=30)
-        with pytest.raises(TeacherServerError, match="exited with code -9"):
-            server.check_alive()
+    group = teacher._process.pid
+    os.kill(group, signal.SIGKILL)
+    teacher._process.wait(timeout=30)
+    with pytest.raises(TeacherServerError, match="exited with code -9"):
+        teacher.check_alive()
+    teacher.stop()
     with pytest.raises(ProcessLookupError):   # its engine process did not outlive it
         os.killpg(group, 0)

@@ -24,7 +24,7 @@ def write_config(tmp_path: Path, cache_dir: Path, **training) -> Path:
     config = {"storage": {"run_dir": str(tmp_path / "run"), "cache_dir": str(cache_dir)},
               "ray": {"num_cpus": 2},
               "training": {"epochs": 2, "effective_batch_size": 4, "micro_batch_size": 2, "max_len": 256,
-                           "checkpoint_every_steps": 1, "eval_fraction": 0.2, **training}}
+                           "checkpoint_every_steps": 2, "eval_fraction": 0.2, **training}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
