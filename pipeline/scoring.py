@@ -18,9 +18,10 @@ import pyarrow.compute as pc
 
 from pipeline import jobs, store
 from pipeline.classification import (checkpoint_location, classified, ensure_classifier, model_location,
-                                     round_location)
+                                     round_location, run_dir)
 from pipeline.config import RunConfig
 from pipeline.jobs import finish, read_parquet, write_checkpointed
+from pipeline.llm.carried import carried_replies
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
 from pipeline.llm.limits import cost_usd
 from pipeline.models import Model, resolve_model, run_model
@@ -115,8 +116,11 @@ def _run(config: RunConfig, round_index: int, source: store.Location, classifier
             dataset = classified(dataset, config, classifier, teacher)
         dataset = generate(dataset, student, config.student)
         dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring,
-                           config.curriculum.keep_reference_outputs)
-        return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring)
+                           config.curriculum.keep_reference_outputs, carried)
+        return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring, carried,
+                      teacher.model)
+
+    carried = carried_replies(run_dir(config))
 
     stages = write_checkpointed(build, score_location(config, round_index),
                                 checkpoint_location(config, round_index, STAGE), limits)

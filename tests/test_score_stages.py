@@ -8,6 +8,7 @@ import pytest
 
 from pipeline import store
 from pipeline.config import EndpointConfig, RunConfig, ScoringConfig
+from pipeline.llm.carried import carried_replies
 from pipeline.llm.emulated_api import EmulatedAPI, Faults
 from pipeline.llm.shared_limits import local_limits
 from pipeline.pool import PoolImportError, check_shards
@@ -191,7 +192,7 @@ def test_a_batch_the_budget_stops_keeps_the_answers_it_paid_for_and_leaves_the_r
             monkeypatch.setenv(KEY_ENV, api.api_key)
             config = endpoint(api, price=price, max_concurrency=2)
             # a worst case (max_tokens 512) is about $5.2, an answer about $0.75: the cap stops it part-way
-            limits = local_limits([config], max_cost_usd=14.0)
+            limits = local_limits([config], max_cost_usd=16.0)
             stage = teacher(False)(config, api.base_url, limits)
             out = await stage(pool_rows([""] * 12))
             await (await stage.client()).__aexit__(None, None, None)
@@ -201,3 +202,48 @@ def test_a_batch_the_budget_stops_keeps_the_answers_it_paid_for_and_leaves_the_r
     assert 0 < out.num_rows == api.stats.answered < 12                 # every paid answer is in the output
     assert set(out.column("teacher_status").to_pylist()) == {"ok"}
     assert limits.limits.refusal                                       # and the job stops after writing them
+
+
+def test_rows_the_budget_refuses_to_judge_are_judged_by_the_next_command_without_paying_any_call_twice(
+        monkeypatch, tmp_path):
+    """A judge call refused by the budget left its row out, and the next command paid for its teacher answer
+    and the other judge order again."""
+    price = {"input_per_million_usd": 10_000.0, "output_per_million_usd": 10_000.0}
+    scoring = ScoringConfig(teacher_max_tokens=16)
+    carried = carried_replies(store.locate(str(tmp_path)))
+    rows = pool_rows([""] * 8)
+
+    def student_answers(table: pa.Table) -> pa.Table:
+        return table.append_column("student_response", pa.array(["STUDENT says"] * table.num_rows)).append_column(
+            "student_status", pa.array(["ok"] * table.num_rows)).append_column(
+            "student_error", pa.array([None] * table.num_rows, pa.string()))
+
+    async def command(api: EmulatedAPI, rows: pa.Table, max_cost_usd) -> tuple[pa.Table, object]:
+        config = endpoint(api, price=price, max_concurrency=2)
+        limits = local_limits([config], max_cost_usd=max_cost_usd)
+        teacher_stage = TeacherAnswer(config, api.base_url, "teacher", limits, scoring, False, carried)
+        judge_stage = PairJudge(config, api.base_url, "teacher", limits, carried, ("teacher", scoring))
+        answered = await teacher_stage(rows)
+        out = await judge_stage(student_answers(answered))
+        for stage in (teacher_stage, judge_stage):
+            await (await stage.client()).__aexit__(None, None, None)
+        return out, limits
+
+    async def scenario():
+        def teacher_or_judge(body: dict) -> str:
+            prompt = body["messages"][0]["content"]
+            return position_biased_judge(body) if "STUDENT" in prompt else "TEACHER says " + prompt
+
+        async with EmulatedAPI(latency_s=0.02, reply=teacher_or_judge) as api:
+            monkeypatch.setenv(KEY_ENV, api.api_key)
+            first, limits = await command(api, rows, max_cost_usd=16.0)
+            left = rows.filter(pa.compute.invert(pa.compute.is_in(rows.column("id"), first.column("id"))))
+            second, _ = await command(api, left, max_cost_usd=None)
+            return first, limits, left, second, api.stats
+
+    first, limits, left, second, stats = asyncio.run(scenario())
+    assert limits.limits.refusal and 0 < left.num_rows < 8
+    assert set(second.column("status").to_pylist()) == {"ok"} and second.num_rows == left.num_rows
+    assert max(stats.answered_prompts.values()) == 1              # no call was paid twice
+    assert stats.answered == 8 * 3                                # one teacher answer and two judge orders a row
+    assert not carried.keys()                                     # each kept reply was used once

@@ -31,6 +31,7 @@ from pipeline.config import PoolConfig, PriceConfig, RunConfig
 from pipeline.evaluation.eval_dir import (RESULTS_FILE, EvalError, absolute, claim, closing_lines, eval_location,
                                           finished_summary, model_name, write_outputs)
 from pipeline.evaluation.winrate import by_category, length_controlled_win_rate, preference, win_rate
+from pipeline.llm.carried import carried_replies
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
 from pipeline.llm.limits import cost_usd
 from pipeline.models import Model, model_key, resolve_model
@@ -128,8 +129,12 @@ def _judge(config: RunConfig, location: store.Location, model_dir: Model, teache
     def build():
         dataset = generate(read_parquet(location.child("input")), model_dir, config.student)
         # keep_reference_outputs: a row's own answer is its reference; the teacher answers only the others
-        dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring, True)
-        return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring)
+        dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring, True,
+                           carried)
+        return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring, carried,
+                      teacher.model)
+
+    carried = carried_replies(location)
 
     stages = write_checkpointed(build, location.child("judged"), location.child("_checkpoint"), limits)
     return stages, asyncio.run(limits.usage_by_stage())

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import json
 import logging
 import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Optional, TypeVar, Union
 
 import aiohttp
 
@@ -33,6 +34,9 @@ from pipeline.config import EndpointConfig
 from pipeline.llm.limits import BudgetExceeded, EndpointDown, Outcome, PausedTooLong
 from pipeline.llm.secret import Secret
 from pipeline.llm.shared_limits import Limits, endpoint_key
+
+if TYPE_CHECKING:
+    from pipeline.llm.carried import CarriedReplies
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,6 +82,13 @@ class ChatReply:
     completion_tokens: int
     attempts: int
     usage_estimated: bool = False           # the server reported no usage: the tokens are the worst case
+
+
+def request_key(model: str, request: ChatRequest) -> str:
+    """What makes two requests the same call to a server (the stage's name does not)."""
+    text = json.dumps([model, request.messages, request.max_tokens, request.temperature, request.json_schema],
+                      sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def estimate_prompt_tokens(messages: list[dict]) -> int:
@@ -158,7 +169,7 @@ class ChatClient:
     """
 
     def __init__(self, endpoint: EndpointConfig, base_url: str, api_key: Secret, limits: Limits,
-                 model: Optional[str] = None):
+                 model: Optional[str] = None, carried: Optional["CarriedReplies"] = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model or endpoint.served_model
         self.config = endpoint
@@ -169,6 +180,8 @@ class ChatClient:
         self._in_flight = asyncio.Semaphore(endpoint.max_concurrency)
         self._structured = True
         self._warned_no_usage = False
+        self.carried = carried
+        self._carried_keys: set[str] = set()
 
     def __repr__(self) -> str:
         return f"ChatClient(url={self.url!r}, model={self.model!r})"
@@ -178,6 +191,8 @@ class ChatClient:
             timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
             headers={"Authorization": f"Bearer {self._api_key.reveal()}"},
             connector=aiohttp.TCPConnector(limit=self.config.max_concurrency))
+        if self.carried is not None:
+            self._carried_keys = self.carried.keys()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -197,6 +212,12 @@ class ChatClient:
         """One request, retried as the module doc says. Raises RequestFailed, EndpointError or BudgetExceeded."""
         if self._session is None:
             raise RuntimeError("use the client inside `async with`")
+        if self._carried_keys:
+            key = request_key(self.model, request)
+            if key in self._carried_keys:
+                self._carried_keys.discard(key)
+                if (reply := self.carried.take(key)) is not None:
+                    return reply
         prompt_estimate = estimate_prompt_tokens(request.messages)
         last: Optional[_Transient] = None
         for attempt in range(1, self.config.max_attempts + 1):
@@ -214,6 +235,12 @@ class ChatClient:
                 if transient.status != 429:          # after a 429 the lease waits out the pause
                     await asyncio.sleep(backoff_s(attempt))
         raise RequestFailed(last.reason, last.detail, attempt, last.status)
+
+    def keep_paid(self, request: ChatRequest, reply: ChatReply) -> None:
+        """Keeps a paid reply that its caller cannot write (a budget refusal left its row out) for the command
+        that asks the same request again (pipeline/llm/carried.py)."""
+        if self.carried is not None:
+            self.carried.keep(self.model, request, reply)
 
     async def _pause_too_long(self, seconds: float, header: str) -> bool:
         """A pause past max_pause_s is logged and kept (every worker's requests then fail as rate_limited)."""

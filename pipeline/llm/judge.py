@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from pipeline.llm.client import ChatClient, ChatRequest, RequestFailed
+from pipeline.llm.client import BUDGET_REFUSED, ChatClient, ChatReply, ChatRequest, RequestFailed
 from pipeline.llm.prompts import prompt_template
 
 SCORE_SCHEMA = {
@@ -81,15 +81,22 @@ async def judge_pair(client: ChatClient, instruction: str, input_text: str, teac
                      student_answer: str, stage: str = "judge") -> Union[PairScores, RequestFailed]:
     """Scores teacher vs student in both orders and averages, cancelling the judge's position bias."""
     request = request_text(instruction, input_text)
-    replies = await asyncio.gather(
-        client.complete(judge_request(request, teacher_answer, student_answer, stage)),
-        client.complete(judge_request(request, student_answer, teacher_answer, stage)),
-        return_exceptions=True)
+    requests = (judge_request(request, teacher_answer, student_answer, stage),
+                judge_request(request, student_answer, teacher_answer, stage))
+    replies = await asyncio.gather(*(client.complete(r) for r in requests), return_exceptions=True)
     for reply in replies:
-        if isinstance(reply, RequestFailed):
-            return reply
-        if isinstance(reply, BaseException):
+        if isinstance(reply, BaseException) and not isinstance(reply, RequestFailed):
             raise reply
+    failed = [reply for reply in replies if isinstance(reply, RequestFailed)]
+    refused = [reply for reply in failed if reply.reason == BUDGET_REFUSED]
+    if refused:
+        # the next command asks the row again: the order already paid for waits for it there
+        for asked, reply in zip(requests, replies):
+            if isinstance(reply, ChatReply):
+                client.keep_paid(asked, reply)
+        return refused[0]
+    if failed:
+        return failed[0]
     try:
         teacher_first, student_first = parse_scores(replies[0].content), parse_scores(replies[1].content)
     except ValueError as err:

@@ -2,7 +2,8 @@
 
 When the budget refuses a request, the batch's other requests finish and the rows they paid for are written:
 only the refused rows are left out of the stage's output (`paid_rows`), so the job's checkpoint does not count
-them as done and the next command asks them again; the job then stops with BudgetExceeded (jobs.py).
+them as done and the next command asks them again; the job then stops with BudgetExceeded (jobs.py). What a
+refused row had already paid for is kept for that command (pipeline/llm/carried.py), not paid again.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Optional, Union
 import pyarrow as pa
 
 from pipeline.config import EndpointConfig, ScoringConfig
+from pipeline.llm.carried import CarriedReplies
 from pipeline.llm.client import BUDGET_REFUSED, ChatClient, ChatReply, ChatRequest, RequestFailed, unless_refused
 from pipeline.llm.secret import secret_from_env
 
@@ -23,15 +25,17 @@ class EndpointStage:
     an aiohttp session belongs to the loop that created it.
     """
 
-    def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits, role: str):
+    def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits, role: str,
+                 carried: Optional[CarriedReplies] = None):
         self.endpoint, self.base_url, self.model, self.limits, self.role = endpoint, base_url, model, limits, role
+        self.carried = carried
         self._client: Optional[ChatClient] = None
 
     async def client(self) -> ChatClient:
         if self._client is None:
             self._client = await ChatClient(self.endpoint, self.base_url,
                                             secret_from_env(self.endpoint.api_key_env, self.role), self.limits,
-                                            self.model).__aenter__()
+                                            self.model, self.carried).__aenter__()
         return self._client
 
     async def ask(self, requests: dict[int, ChatRequest]) -> dict[int, Union[ChatReply, RequestFailed]]:

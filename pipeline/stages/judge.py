@@ -12,13 +12,17 @@ from typing import Optional
 import pyarrow as pa
 
 from pipeline.config import EndpointConfig, ScoringConfig
-from pipeline.llm.client import RequestFailed, unless_refused
+from pipeline.llm.carried import CarriedReplies
+from pipeline.llm.client import ChatReply, RequestFailed, unless_refused
 from pipeline.llm.judge import PairScores, judge_pair
 from pipeline.stages.columns import check_columns, with_columns
 from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options, paid_rows, refused_rows
+from pipeline.stages.teacher import teacher_request
 
 REQUIRED_COLUMNS = ("id", "instruction", "input", "student_response", "student_status", "student_error",
                     "teacher_response", "teacher_status", "teacher_error")
+# what the teacher stage says of its answer's cost, kept with the answer when the budget refuses its judging
+TEACHER_PAID_COLUMNS = ("teacher_source", "teacher_prompt_tokens", "teacher_completion_tokens")
 
 
 def upstream_failure(row: dict) -> Optional[tuple[str, str]]:
@@ -32,12 +36,17 @@ def upstream_failure(row: dict) -> Optional[tuple[str, str]]:
 class PairJudge(EndpointStage):
     """Async Ray Data callable class over the judge endpoint."""
 
-    def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits):
-        super().__init__(endpoint, base_url, model, limits, "judge")
+    def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits,
+                 carried: Optional[CarriedReplies] = None, teacher: Optional[tuple[str, ScoringConfig]] = None):
+        """`teacher`: the teacher's model and scoring settings, to keep the paid answer of a row the budget
+        refuses to judge (see endpoint_stage)."""
+        super().__init__(endpoint, base_url, model, limits, "judge", carried)
+        self.teacher = teacher
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         check_columns(batch, REQUIRED_COLUMNS, "judge")
-        rows = batch.select(list(REQUIRED_COLUMNS)).to_pylist()
+        rows = batch.select(list(REQUIRED_COLUMNS) + [c for c in TEACHER_PAID_COLUMNS if c in batch.column_names]
+                            ).to_pylist()
         client = await self.client()
         judged = [i for i, row in enumerate(rows) if upstream_failure(row) is None]
 
@@ -56,15 +65,28 @@ class PairJudge(EndpointStage):
                 values = (None, None, None, 0, 0, *upstream_failure(row))
             for column, value in zip((teacher, student, mfd, prompt_tokens, completion_tokens, status, error), values):
                 column.append(value)
-        # a row refused by the budget is asked again, teacher included, by the next command (see endpoint_stage)
+        refused = refused_rows(verdicts)
+        self._keep_teacher_answers([rows[i] for i in sorted(refused)])
         return paid_rows(with_columns(batch, {
             "teacher_score": pa.array(teacher, pa.float32()), "student_score": pa.array(student, pa.float32()),
             "mfd": pa.array(mfd, pa.float32()), "judge_prompt_tokens": pa.array(prompt_tokens, pa.int32()),
             "judge_completion_tokens": pa.array(completion_tokens, pa.int32()),
-            "status": pa.array(status, pa.string()), "error": pa.array(error, pa.string())}), refused_rows(verdicts))
+            "status": pa.array(status, pa.string()), "error": pa.array(error, pa.string())}), refused)
+
+    def _keep_teacher_answers(self, rows: list[dict]) -> None:
+        """The next command asks these rows again, teacher included: the answers paid this round wait for it."""
+        if self.carried is None or self.teacher is None:
+            return
+        model, scoring = self.teacher
+        for row in rows:
+            if row.get("teacher_source") == "teacher":
+                self.carried.keep(model, teacher_request(row, scoring), ChatReply(
+                    row["teacher_response"], None, row["teacher_prompt_tokens"], row["teacher_completion_tokens"], 1))
 
 
-def judged(dataset, endpoint: EndpointConfig, base_url: str, model: str, limits, scoring: ScoringConfig):
+def judged(dataset, endpoint: EndpointConfig, base_url: str, model: str, limits, scoring: ScoringConfig,
+           carried: Optional[CarriedReplies] = None, teacher_model: Optional[str] = None):
     return dataset.repartition(target_num_rows_per_block=scoring.batch_size).map_batches(
-        PairJudge, fn_constructor_kwargs={"endpoint": endpoint, "base_url": base_url, "model": model,
-                                          "limits": limits}, **endpoint_stage_options(scoring))
+        PairJudge, fn_constructor_kwargs={
+            "endpoint": endpoint, "base_url": base_url, "model": model, "limits": limits, "carried": carried,
+            "teacher": (teacher_model, scoring) if teacher_model else None}, **endpoint_stage_options(scoring))

@@ -7,9 +7,12 @@ and the judge stage leaves it unscored.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import pyarrow as pa
 
 from pipeline.config import EndpointConfig, ScoringConfig
+from pipeline.llm.carried import CarriedReplies
 from pipeline.llm.client import ChatRequest, RequestFailed
 from pipeline.llm.judge import request_text
 from pipeline.stages.columns import check_columns, with_columns
@@ -18,25 +21,27 @@ from pipeline.stages.endpoint_stage import EndpointStage, endpoint_stage_options
 REQUIRED_COLUMNS = ("id", "instruction", "input", "output")
 
 
+def teacher_request(row: dict, scoring: ScoringConfig) -> ChatRequest:
+    return ChatRequest([{"role": "user", "content": request_text(row["instruction"], row["input"] or "")}],
+                       max_tokens=scoring.teacher_max_tokens, temperature=scoring.teacher_temperature, stage="teacher")
+
+
 class TeacherAnswer(EndpointStage):
     """Async Ray Data callable class: adds `teacher_response`, its source, usage and status to every row."""
 
     def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits, scoring: ScoringConfig,
-                 keep_reference_outputs: bool):
-        super().__init__(endpoint, base_url, model, limits, "teacher")
-        self.max_tokens, self.temperature = scoring.teacher_max_tokens, scoring.teacher_temperature
+                 keep_reference_outputs: bool, carried: Optional[CarriedReplies] = None):
+        super().__init__(endpoint, base_url, model, limits, "teacher", carried)
+        self.scoring = scoring
         self.keep_reference_outputs = keep_reference_outputs
 
-    def _request(self, row: dict) -> ChatRequest:
-        return ChatRequest([{"role": "user", "content": request_text(row["instruction"], row["input"] or "")}],
-                           max_tokens=self.max_tokens, temperature=self.temperature, stage="teacher")
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         check_columns(batch, REQUIRED_COLUMNS, "teacher")
         answered_before = "teacher_status" in batch.column_names
         rows = batch.select(["instruction", "input", "output"] + (
             ["teacher_response", "teacher_status"] if answered_before else [])).to_pylist()
-        replies = await self.ask({i: self._request(row) for i, row in enumerate(rows)
+        replies = await self.ask({i: teacher_request(row, self.scoring) for i, row in enumerate(rows)
                                   if not (self.keep_reference_outputs and row["output"])
                                   and row.get("teacher_status") != "ok"})
         response, source, prompt_tokens, completion_tokens, status, error = ([] for _ in range(6))
@@ -61,8 +66,8 @@ class TeacherAnswer(EndpointStage):
 
 
 def answered(dataset, endpoint: EndpointConfig, base_url: str, model: str, limits, scoring: ScoringConfig,
-             keep_reference_outputs: bool):
+             keep_reference_outputs: bool, carried: Optional[CarriedReplies] = None):
     return dataset.repartition(target_num_rows_per_block=scoring.batch_size).map_batches(
         TeacherAnswer, fn_constructor_kwargs={
             "endpoint": endpoint, "base_url": base_url, "model": model, "limits": limits, "scoring": scoring,
-            "keep_reference_outputs": keep_reference_outputs}, **endpoint_stage_options(scoring))
+            "keep_reference_outputs": keep_reference_outputs, "carried": carried}, **endpoint_stage_options(scoring))
