@@ -28,12 +28,13 @@ from pipeline.classification import classifier_location, round_location, run_dir
 from pipeline.config import RunConfig
 from pipeline.llm.endpoint import RunEndpoints
 from pipeline.llm.limits import BudgetExceeded
+from pipeline.llm.spend import STATE_FILE
 from pipeline.pool import pool_location
 from pipeline.round_summary import format_round_summary, round_summary
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
+# STATE_FILE: RUN_DIR/state.json, named in spend.py, whose budget reads what an older run recorded there
 STOP_FILE = "STOP"
 STAGES = ("score", "plan", "expand", "respond", "train_set", "train")
 

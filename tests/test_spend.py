@@ -112,3 +112,13 @@ def test_labelling_is_paid_under_the_runs_one_cap_counted_in_its_spend_and_keeps
     assert labels.num_rows == 40                                 # the rest kept as budget_exceeded, asked again
     record = store.read_json(store.locate(config.storage.run_dir), SPEND_FILE)
     assert 0.95 + billed(api, LABEL_PRICE) <= record["spent_usd"] <= 1.0
+
+
+def test_a_run_directory_from_before_spend_json_starts_from_what_its_state_says_it_spent(tmp_path):
+    """A run directory written before spend.json existed started again at $0."""
+    run_dir = store.locate(str(tmp_path))
+    store.write_json(run_dir, "state.json", {"rounds": {}, "spent_usd": 3.5})
+    record = SpendRecord(run_dir)
+    assert record.spent_before() == 3.5
+    store.write_json(run_dir, SPEND_FILE, {"spent_usd": 4.0, "bound_usd": 4.2})
+    assert record.spent_before() == 4.2                   # once it exists, spend.json is the record

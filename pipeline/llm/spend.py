@@ -17,6 +17,7 @@ from pipeline.config import RunConfig
 log = logging.getLogger(__name__)
 
 SPEND_FILE = "spend.json"
+STATE_FILE = "state.json"          # the run's state (pipeline/rounds.py)
 
 
 class SpendRecord:
@@ -25,7 +26,10 @@ class SpendRecord:
 
     def spent_before(self) -> float:
         """What earlier commands spent, at worst: the bound the last one recorded."""
-        record = store.read_json(self.location, SPEND_FILE) or {}
+        record = store.read_json(self.location, SPEND_FILE)
+        if record is None:
+            # a run directory from before spend.json: its state.json kept what its finished commands spent
+            record = {"spent_usd": (store.read_json(self.location, STATE_FILE) or {}).get("spent_usd", 0.0)}
         spent, bound = record.get("spent_usd", 0.0), record.get("bound_usd", 0.0)
         if bound > spent:
             log.warning("%s: the last command stopped without settling its spend (killed?); counting $%.4f, the "
