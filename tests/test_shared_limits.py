@@ -5,11 +5,13 @@ import time
 import pytest
 import ray
 
-from pipeline.config import EndpointConfig
+from pipeline import store
+from pipeline.config import EndpointConfig, PriceConfig
 from pipeline.llm.client import ChatClient, ChatReply, ChatRequest, RequestFailed
 from pipeline.llm.emulated_api import EmulatedAPI
 from pipeline.llm.secret import secret_from_env
 from pipeline.llm.shared_limits import endpoint_key, local_limits, shared_limits
+from pipeline.llm.spend import SpendRecord
 
 pytestmark = pytest.mark.slow
 KEY_ENV = "TAPIR_TEST_EMULATED_KEY"
@@ -79,3 +81,18 @@ def test_a_429_one_worker_gets_pauses_another_worker_until_its_retry_after(ray_c
     arrivals = {prompt: (at, status) for at, prompt, status in api.stats.arrivals}
     assert arrivals["first"][1] == 429 and arrivals["second"][1] == 200 and api.stats.rate_limited == 1
     assert arrivals["first"][0] < paused_until <= arrivals["second"][0]      # monotonic: one clock per machine
+
+
+def test_a_restarted_limits_actor_comes_back_with_the_runs_endpoints_and_its_spend(ray_cluster, tmp_path):
+    """A restarted actor came back with no endpoint registered (every lease failed) and with $0 spent."""
+    price = PriceConfig(input_per_million_usd=10_000.0, output_per_million_usd=10_000.0)
+    api = EmulatedAPI(api_key=os.environ[KEY_ENV])
+    with api.serving_in_thread():
+        config = EndpointConfig(kind="remote", base_url=api.base_url, model="m", api_key_env=KEY_ENV, price=price)
+        limits = shared_limits("test-restart", [config], 100.0, record=SpendRecord(store.locate(str(tmp_path))))
+        worker = Worker.remote()
+        assert ray.get(worker.send.remote(config, api.base_url, limits, 3, "before")) == 3
+        spent = ray.get(limits.actor.record_spend.remote())
+        ray.kill(limits.actor, no_restart=False)
+        assert ray.get(worker.send_one.remote(config, api.base_url, limits, "after")) == ("ok", 1)
+        assert ray.get(limits.actor.record_spend.remote()) > spent > 0

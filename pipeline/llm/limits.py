@@ -37,8 +37,9 @@ pass `now` so it can be tested with a made-up clock.
 """
 from __future__ import annotations
 
+import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Optional
 
 from pipeline.config import EndpointConfig, PriceConfig
@@ -103,6 +104,7 @@ class Reservation:
     worst_cost_usd: float
     booked: bool = True
     event_id: int = -1
+    issuer: str = ""           # the RunLimits that booked it: a restarted limits actor is another one
 
 
 def _earliest(events: deque, start: float, window: float, requests: int, tokens: int, total: int,
@@ -254,6 +256,7 @@ class RunLimits:
     _in_flight: int = 0
     _recorded_usd: float = float("-inf")
     refusal: Optional[str] = None       # why the budget refused a request, once it has
+    issuer: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def add_endpoint(self, name: str, endpoint: EndpointConfig) -> None:
         if name not in self.endpoints:
@@ -270,7 +273,7 @@ class RunLimits:
                             f"${self._in_flight_cost:.4f} in flight it would pass "
                             f"max_cost_usd=${self.max_cost_usd:.2f}")
             raise BudgetExceeded(self.refusal)
-        reservation = limits.reserve(now, prompt_tokens, max_completion_tokens)
+        reservation = replace(limits.reserve(now, prompt_tokens, max_completion_tokens), issuer=self.issuer)
         if reservation.booked:
             self._in_flight_cost += reservation.worst_cost_usd
             self._in_flight += 1
@@ -279,9 +282,14 @@ class RunLimits:
 
     def settle(self, endpoint: str, reservation: Reservation, stage: str, outcome: Outcome, prompt_tokens: int,
                completion_tokens: int) -> None:
-        self._in_flight -= 1
-        # exactly 0 when idle, not what is left of subtracting the costs one by one in floating point
-        self._in_flight_cost = self._in_flight_cost - reservation.worst_cost_usd if self._in_flight else 0.0
+        if reservation.issuer != self.issuer:
+            # booked by this actor before it was restarted: its cost is counted below, on top of the bound the
+            # record held for it in flight (counted twice rather than never), and its place in the window is gone
+            reservation = replace(reservation, event_id=-1)
+        else:
+            self._in_flight -= 1
+            # exactly 0 when idle, not what is left of subtracting the costs one by one in floating point
+            self._in_flight_cost = self._in_flight_cost - reservation.worst_cost_usd if self._in_flight else 0.0
         self.endpoints[endpoint].settle(reservation, stage, outcome, prompt_tokens, completion_tokens)
         if not self._in_flight and self.record is not None:
             self.flush()                # idle: the record becomes exact

@@ -69,8 +69,13 @@ class LocalLimits:
 class LimitsActor:
     """The body of the named Ray actor; created by `shared_limits`."""
 
-    def __init__(self, max_cost_usd: Optional[float], record: Optional[SpendRecord] = None):
+    def __init__(self, max_cost_usd: Optional[float], record: Optional[SpendRecord] = None,
+                 endpoints: Optional[dict[str, EndpointConfig]] = None):
+        """A restarted actor runs this again with the same arguments: it comes back with the run's endpoints
+        and, through `record`, with the spend recorded before it died (at worst, see spend.py)."""
         self.limits = _run_limits(max_cost_usd, record)
+        for name, endpoint in (endpoints or {}).items():
+            self.limits.add_endpoint(name, endpoint)
 
     def add_endpoint(self, name: str, endpoint: EndpointConfig) -> None:
         self.limits.add_endpoint(name, endpoint)
@@ -100,26 +105,46 @@ class LimitsActor:
         return self.limits.refusal
 
 
+# How long a caller waits for a restarting limits actor before its call fails (a restart takes about a second;
+# the actor lives on the driver's node, so a node that stays gone took the run down with it).
+ACTOR_RESTART_WAIT_S = 60.0
+
+
 class RayLimits:
     """A worker's handle on the run's LimitsActor. Picklable: Ray Data ships it to every actor."""
 
     def __init__(self, actor):
         self.actor = actor
 
+    async def _call(self, method: str, *args):
+        """The actor's method; while the actor restarts, asked again (a settle or reservation then may be
+        counted twice: more spend counted, never less)."""
+        import ray
+
+        waited = 0.0
+        while True:
+            try:
+                return await getattr(self.actor, method).remote(*args)
+            except ray.exceptions.ActorUnavailableError:
+                if waited >= ACTOR_RESTART_WAIT_S:
+                    raise
+                await asyncio.sleep(0.5)
+                waited += 0.5
+
     async def reserve(self, endpoint: str, prompt_tokens: int, max_completion_tokens: int) -> Reservation:
-        return await _lease(lambda: self.actor.reserve.remote(endpoint, prompt_tokens, max_completion_tokens))
+        return await _lease(lambda: self._call("reserve", endpoint, prompt_tokens, max_completion_tokens))
 
     async def settle(self, endpoint, reservation, stage, outcome, prompt_tokens, completion_tokens) -> None:
-        await self.actor.settle.remote(endpoint, reservation, stage, outcome, prompt_tokens, completion_tokens)
+        await self._call("settle", endpoint, reservation, stage, outcome, prompt_tokens, completion_tokens)
 
     async def pause_for(self, endpoint: str, seconds: float) -> None:
-        await self.actor.pause_for.remote(endpoint, seconds)
+        await self._call("pause_for", endpoint, seconds)
 
     async def usage_by_stage(self) -> dict[str, dict]:
-        return await self.actor.usage_by_stage.remote()
+        return await self._call("usage_by_stage")
 
     async def record_spend(self) -> float:
-        return await self.actor.record_spend.remote()
+        return await self._call("record_spend")
 
     def budget_refusal(self) -> Optional[str]:
         """Why the budget refused a request, if it has: a stage's failure is then the budget's doing (Ray Data
@@ -141,7 +166,9 @@ def shared_limits(run_name: str, endpoints: list[EndpointConfig], max_cost_usd: 
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor_class = ray.remote(num_cpus=0, max_restarts=-1)(LimitsActor)
     actor = actor_class.options(name=f"tapir-limits-{run_name}", namespace=namespace, get_if_exists=True,
-                                scheduling_strategy=driver_node).remote(max_cost_usd, record)
+                                scheduling_strategy=driver_node).remote(
+        max_cost_usd, record, {endpoint_key(e): e for e in endpoints})
+    # an actor found by name was created with another command's endpoints
     ray.get([actor.add_endpoint.remote(endpoint_key(e), e) for e in endpoints])
     return RayLimits(actor)
 
