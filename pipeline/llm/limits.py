@@ -175,7 +175,13 @@ class EndpointLimits:
                               self._tokens_in_window, tokens)
             if (in_slice := self._slice_limits(start)) is None:
                 return start
-            recent = deque(e for e in self._events if e[0] > start - 2 * SLICE_S)
+            # from the newest back (bookings are in start order): a paced endpoint asks this of every request, and
+            # scanning the whole minute's bookings each time capped the limits actor's leases a second
+            recent = deque()
+            for event in reversed(self._events):
+                if event[0] <= start - 2 * SLICE_S:
+                    break
+                recent.appendleft(event)
             sliced = _earliest(recent, start, SLICE_S, *in_slice, sum(e[1] for e in recent), tokens)
             if sliced == start:
                 return start
