@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 from pathlib import Path
 
 from pipeline import store
@@ -33,8 +34,40 @@ def init_ray(config: RayConfig, min_cpus: int = 1) -> None:
         if config.num_cpus and num_cpus > config.num_cpus:
             log.info("local Ray gets %d logical CPUs, not ray.num_cpus=%d: the job's actors hold %d and its "
                      "read and write tasks need more", num_cpus, config.num_cpus, min_cpus - 2)
-        ray.init(num_cpus=num_cpus, namespace=config.namespace, include_dashboard=False)
+        _start_local_ray(num_cpus, config.namespace)
     ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def _start_local_ray(num_cpus: int, namespace: str) -> None:
+    """A local Ray whose own processes know its address. Ray's helpers that find "the" cluster by themselves
+    (Ray Train's placement-group cleaner asks the state API with no address) fail with "Found multiple active
+    Ray instances" beside another run or a test's Ray, and could ask another instance's dashboard about this
+    run's actors. So the GCS gets a port chosen here, every worker gets it in RAY_ADDRESS, and the dashboard
+    address the cluster records is a free port of its own (no dashboard runs: the state API then answers
+    "unavailable", which the cleaner waits out)."""
+    import ray
+
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    address = f"{ray.util.get_node_ip_address()}:{gcs_port}"
+    previous = os.environ.get(_GCS_PORT_VARIABLE)
+    os.environ[_GCS_PORT_VARIABLE] = str(gcs_port)
+    try:
+        ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False, dashboard_port=dashboard_port,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    finally:
+        if previous is None:
+            os.environ.pop(_GCS_PORT_VARIABLE)
+        else:
+            os.environ[_GCS_PORT_VARIABLE] = previous
+
+
+_GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"      # read by Ray when it starts a head node
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def run_limits(config: RunConfig):

@@ -84,8 +84,10 @@ def write_config(tmp_path: Path, pool: Path, api: EmulatedAPI, cache_dir: Path, 
                        "keep_reference_outputs": False},
         "scoring": {"batch_size": BATCH, "batches_in_flight_per_actor": 1},
         "respond": {"max_tokens": ANSWER_TOKENS},
+        # gradient checkpointing (the default) recomputes each forward: a third more compute per step, which a
+        # 135M model on a few short rows does not need; test_train_round and test_local_run keep it on
         "training": {"epochs": 1, "effective_batch_size": 4, "micro_batch_size": 2, "max_len": 256,
-                     "eval_fraction": 0.0},
+                     "eval_fraction": 0.0, "gradient_checkpointing": False},
         **overrides,
     }
     path = tmp_path / "config.yaml"

@@ -62,7 +62,7 @@ def write_config(path: Path, pool: Path, api: EmulatedAPI, s3: S3Server, cache: 
         "scoring": {"batch_size": 10, "batches_in_flight_per_actor": 1},
         "respond": {"max_tokens": 16},
         "training": {"epochs": 1, "effective_batch_size": 4, "micro_batch_size": 2, "max_len": 192,
-                     "eval_fraction": 0.0, "zero_stage": 3, "num_workers": 2},
+                     "eval_fraction": 0.0, "zero_stage": 3, "num_workers": 2, "gradient_checkpointing": False},
     }
     path.write_text(yaml.safe_dump(config))
 
