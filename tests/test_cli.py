@@ -89,3 +89,13 @@ def test_serve_teacher_prints_base_url_serves_and_stops_on_ctrl_c(tmp_path, mode
             urllib.request.urlopen(request, timeout=5)
     finally:
         process.kill()
+
+
+def test_the_cli_starts_without_importing_any_heavy_library():
+    """`tapir --help`, `tapir config validate` answer in a second: ray, torch, vllm, transformers and deepspeed
+    are imported by the commands that use them, never by `import pipeline.cli`."""
+    heavy = ("ray", "torch", "vllm", "transformers", "deepspeed")
+    loaded = subprocess.run([sys.executable, "-c", "import sys, pipeline.cli; "
+                             f"print(sorted(m for m in {heavy!r} if m in sys.modules))"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
