@@ -56,7 +56,7 @@ def main() -> None:
         "sum_of_stage_spans_s": round(stage_sum, 1),
         "overlap_ratio_sum_over_job": round(stage_sum / summary["job_s"], 2),
         "tokens": summary["tokens"], "api_usage": summary["api_usage_this_run"],
-        "hard_rows": summary["hard_rows"], "mfd_mean": summary["mfd_mean"],
+        "hard_rows": summary["hard_rows"], "mfd_mean": summary["difficulty"].get("mean"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "settings": {"student_max_tokens": args.max_tokens, "label_rows": args.label_rows},
     }

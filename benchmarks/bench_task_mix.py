@@ -1,8 +1,10 @@
 """How close task resampling (pipeline.curriculum.plan_round) gets to the target task mix, on the Alpaca pool.
 
-Alpaca has no task labels, so they come the way the product gets them on a laptop without a teacher: the
-bundled MiniLM is fine-tuned on the sample pool's own (hand-written) categories (the same trainer and inputs as
-the reference in bench_classifier.py), then the classify stage's TaskClassifier labels the 4000 Alpaca rows.
+Alpaca has no task labels, so they come the way the product gets them on a laptop without a teacher
+(configs/local.yaml): the bundled MiniLM is fine-tuned on a labelled file, by default the sample pool's own
+hand-written categories (`classifier.labels_path: bundled:sample`, trained by pipeline.classification.train as a
+run trains it; its held-out accuracy and macro-F1 are reported), then the classify stage's TaskClassifier labels
+the 4000 Alpaca rows; their task mix is reported.
 
 Alpaca has no MFD either (that needs a judge). Two documented stand-ins:
   random_30pct_hard  MFD ~ Normal(0.5, 1) per row, seeded and independent of the task: P(MFD > δ=1.0) ≈ 0.31
@@ -35,12 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import store
-from pipeline.config import DEFAULT_TASK_TARGETS, CurriculumConfig, PoolConfig, RunConfig
+from pipeline.config import CurriculumConfig, PoolConfig, RunConfig
 from pipeline.curriculum import hard_share, is_hard, plan_round, quotas, total_variation
-from pipeline.llm.judge import request_text
-from pipeline.models import bundled_encoder_dir
 from pipeline.pool import import_pool, read_pool
-from training.classifier import train_classifier
 
 THRESHOLD, START, STEP = 1.0, 0.5, 0.25
 MAX_COPIES = CurriculumConfig().max_copies_per_row
@@ -50,14 +49,16 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def train_on_sample_pool(work: Path, config, model_dir: Path) -> dict:
-    pool_dir = store.locate(str(work / "sample"))
-    import_pool(["bundled:sample"], pool_dir, PoolConfig(), progress=False)
-    rows = read_pool(pool_dir).to_pylist()
-    metrics = train_classifier([request_text(r["instruction"], r["input"]) for r in rows],
-                               [json.loads(r["meta"])["category"] for r in rows], list(DEFAULT_TASK_TARGETS),
-                               str(bundled_encoder_dir()), config, model_dir)
-    keep = ("train_rows", "held_out_rows", "accuracy", "macro_f1", "train_s")
+def train_from_labelled_file(work: Path, labels: str, model_dir: Path) -> dict:
+    """The classifier as a run with `classifier.labels_path: LABELS` trains it, copied to model_dir."""
+    import shutil
+
+    from pipeline.classification import classifier_dir, train
+
+    config = RunConfig.model_validate({"storage": {"run_dir": str(work / "run")}, "classifier": {"labels_path": labels}})
+    metrics = train(config)
+    shutil.copytree(classifier_dir(config), model_dir, dirs_exist_ok=True)
+    keep = ("labels", "train_rows", "held_out_rows", "accuracy", "macro_f1", "per_class_f1", "train_s")
     return {k: metrics[k] for k in keep}
 
 
@@ -128,6 +129,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 4000, 20000])
     parser.add_argument("--rounds", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--labels", default="bundled:sample", help=(
+        "the labelled file the classifier trains on (classifier.labels_path); default: the sample pool's categories"))
     parser.add_argument("--model-dir", type=Path, help=(
         "keep the trained classifier here; when it already holds one (config.json), reuse it instead of training"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/task_mix.json"))
@@ -147,11 +150,11 @@ def main() -> None:
         model_dir = args.model_dir or work / "sample-model"
         if (model_dir / "config.json").exists():
             report["classifier"] = {"reused": str(model_dir), **json.loads((model_dir / "metrics.json").read_text())}
-            report["classifier"] = {k: report["classifier"][k] for k in (
-                "reused", "train_rows", "held_out_rows", "accuracy", "macro_f1", "train_s")}
+            report["classifier"] = {k: report["classifier"].get(k) for k in (
+                "reused", "labels", "train_rows", "held_out_rows", "accuracy", "macro_f1", "train_s")}
         else:
-            log("fine-tuning MiniLM on the sample pool's own categories")
-            report["classifier"] = train_on_sample_pool(work, classifier_config, model_dir)
+            log(f"fine-tuning MiniLM on {args.labels} (classifier.labels_path)")
+            report["classifier"] = train_from_labelled_file(work, args.labels, model_dir)
             log(f"trained: {report['classifier']}")
         tasks, confidence, classify_s = classify_alpaca(args.alpaca, model_dir, work, classifier_config.train.max_len)
     n = len(tasks)
@@ -192,8 +195,8 @@ def main() -> None:
             alpha = hard_share(round_index, START, STEP)
             floor_split = split_floor(tasks, mfd, targets, alpha)
             for size in args.sizes:
-                plan = plan_round(tasks, mfd, round_index, size, THRESHOLD, START, STEP, targets, args.seed,
-                                  max_copies=MAX_COPIES)
+                plan = plan_round(tasks, [is_hard(v, THRESHOLD) for v in mfd], round_index, size, START, STEP,
+                                  targets, args.seed, max_copies=MAX_COPIES)
                 repeats = Counter(plan.indices).most_common(1)[0]
                 rows.append({"mfd": name, "round": round_index, "alpha": alpha, "size": size,
                              "hard_planned": plan.hard_rows_planned, "easy_planned": plan.easy_rows_planned,
@@ -213,6 +216,11 @@ def main() -> None:
         print(f"{r['mfd']:18} {r['round']:>5} {r['alpha']:>4} {r['size']:>6} {r['tv_natural']:>8.4f} "
               f"{r['tv_planned']:>8.4f} {r['tv_floor']:>7.4f} {r['tv_split_floor']:>7.4f} {r['distinct_rows']:>8} "
               f"{r['max_copies_of_a_row']:>6}")
+    trained = report["classifier"]
+    print(f"classifier on {trained['labels']}: held-out accuracy {trained['accuracy']:.3f}, macro-F1 "
+          f"{trained['macro_f1']:.3f} ({trained['held_out_rows']} rows); mean confidence on Alpaca "
+          f"{trained['mean_confidence']}")
+    print("Alpaca task mix: " + ", ".join(f"{task} {count / n:.1%}" for task, count in counts.most_common()))
     print(f"empty categories: {len(empty)} ({', '.join(empty)}), their target share {floor:.3f}; "
           f"whole-pool natural TV {report['pool']['natural_tv_whole_pool']}; wall {report['wall_s']} s")
 

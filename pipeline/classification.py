@@ -1,8 +1,12 @@
-"""The task classifier's three commands: teacher-label a sample, train on it, apply it to the pool."""
+"""The task classifier's three commands: teacher-label a sample, train on it, apply it to the pool.
+
+With `classifier.labels_path` the classifier trains on a labelled file instead (instruction, input, category):
+no teacher labels and no API call."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -14,7 +18,7 @@ from typing import Optional
 import pyarrow.compute as pc
 
 from pipeline import store
-from pipeline.config import EndpointConfig, RunConfig
+from pipeline.config import EndpointConfig, PoolConfig, RunConfig
 from pipeline.llm.endpoint import OpenEndpoint, open_endpoint
 from pipeline.llm.judge import request_text
 from pipeline.models import Model, local_model, resolve_model, run_model
@@ -72,33 +76,90 @@ def ensure_classifier(config: RunConfig, endpoint: OpenEndpoint, limits, progres
     trained now."""
     location = classifier_location(config)
     if not location.child("config.json").exists():
-        log.info("no trained task classifier in %s: labelling a sample with the teacher and training it",
-                 location.uri)
-        pool_dir, _ = ensure_pool(config)
-        asyncio.run(label_sample(config, endpoint, read_pool(pool_dir), progress, limits))
+        if config.classifier.labels_path:
+            log.info("no trained task classifier in %s: training it on %s", location.uri, config.classifier.labels_path)
+        else:
+            log.info("no trained task classifier in %s: labelling a sample with the teacher and training it",
+                     location.uri)
+            pool_dir, _ = ensure_pool(config)
+            asyncio.run(label_sample(config, endpoint, read_pool(pool_dir), progress, limits))
         train(config)
     return classifier_model(config)
+
+
+def labelled_file(config: RunConfig) -> tuple[list[str], list[str]]:
+    """(request texts, categories) of classifier.labels_path, read as `tapir pool import` reads a pool. A row that
+    cannot be read, or whose category is missing or not among curriculum.task_targets, is an error naming the file,
+    the line and the field: a label the classifier cannot have would otherwise be dropped or learnt silently."""
+    from training import TrainingDataError
+    from pipeline.evaluation.winrate_run import evaluated_rows
+    from pipeline.pool import QUARANTINE, import_pool
+
+    path, categories = config.classifier.labels_path, list(config.curriculum.task_targets)
+    with tempfile.TemporaryDirectory(prefix="tapir-labels-") as local:
+        imported = store.locate(local)
+        import_pool([path], imported, PoolConfig(max_row_chars=config.pool.max_row_chars), overwrite=True,
+                    progress=False)
+        quarantine = Path(local) / QUARANTINE
+        if quarantine.exists():
+            rejected = [json.loads(line) for line in quarantine.read_text(encoding="utf-8").splitlines()]
+            first = rejected[0]
+            raise TrainingDataError(f"classifier.labels_path {path}: {len(rejected)} row(s) cannot be read; the first, "
+                                    f"{first['where']}: field '{first['field']}': {first['detail']}")
+        rows = evaluated_rows(read_pool(imported), 2 ** 62)       # `task`: the row's category (or task) field
+    problems = [f"{where}: field 'category': " + ("missing" if task is None else f"{task!r} is not one of "
+                                                  "curriculum.task_targets")
+                for where, task in zip(rows.column("source").to_pylist(), rows.column("task").to_pylist())
+                if task not in categories]
+    if problems:
+        listed = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise TrainingDataError(f"classifier.labels_path {path}: {len(problems)} row(s) without a usable category "
+                                f"({listed}); the categories are: {', '.join(categories)}")
+    texts = [request_text(i, x or "") for i, x in zip(rows.column("instruction").to_pylist(),
+                                                       rows.column("input").to_pylist())]
+    return texts, rows.column("task").to_pylist()
 
 
 def train(config: RunConfig) -> dict:
     from training import TrainingDataError
     from training.classifier import train_classifier
 
-    labels = read_labels(labels_location(config))
-    usable = labels.filter(pc.equal(labels.column("status"), "ok"))    # an id is labelled ok at most once
-    if usable.num_rows == 0:
-        raise TrainingDataError(f"{labels_location(config).uri}: no teacher labels to train on; "
-                                "run `tapir classifier label` first")
-    texts = [request_text(i, x or "") for i, x in zip(usable.column("instruction").to_pylist(),
-                                                       usable.column("input").to_pylist())]
+    if config.classifier.labels_path:
+        texts, tasks = labelled_file(config)
+    else:
+        labels = read_labels(labels_location(config))
+        usable = labels.filter(pc.equal(labels.column("status"), "ok"))    # an id is labelled ok at most once
+        if usable.num_rows == 0:
+            raise TrainingDataError(f"{labels_location(config).uri}: no teacher labels to train on; "
+                                    "run `tapir classifier label` first")
+        texts = [request_text(i, x or "") for i, x in zip(usable.column("instruction").to_pylist(),
+                                                           usable.column("input").to_pylist())]
+        tasks = usable.column("task").to_pylist()
     backbone = local_model(resolve_model(config.classifier.backbone, config.storage.cache_dir,
                                          config.storage.s3_endpoint_url))
     # trained into a local folder, then published to the run directory (local or object storage) whole
     with tempfile.TemporaryDirectory(prefix="tapir-classifier-") as local:
-        metrics = train_classifier(texts, usable.column("task").to_pylist(), list(config.curriculum.task_targets),
-                                   backbone, config.classifier, Path(local), seed=config.curriculum.seed)
+        metrics = train_classifier(texts, tasks, list(config.curriculum.task_targets), backbone, config.classifier,
+                                   Path(local), seed=config.curriculum.seed,
+                                   source=config.classifier.labels_path or "teacher")
         store.publish_dir(local, classifier_location(config))
     return metrics
+
+
+def classifier_summary(config: RunConfig) -> Optional[dict]:
+    """What the run's trained classifier learnt from and how well it agrees with held-out labels (its metrics.json),
+    for the score manifest and the round summary; None when there is none."""
+    metrics = store.read_json(classifier_location(config), "metrics.json")
+    if metrics is None:
+        return None
+    return {"labels": metrics.get("labels", "teacher"),
+            **{k: metrics[k] for k in ("train_rows", "held_out_rows", "accuracy", "macro_f1")}}
+
+
+def format_classifier(summary: dict) -> str:
+    return (f"  task classifier: trained on {summary['train_rows']} rows labelled by {summary['labels']}; on "
+            f"{summary['held_out_rows']} held-out rows accuracy {summary['accuracy']:.2f}, macro-F1 "
+            f"{summary['macro_f1']:.2f}")
 
 
 def apply(config: RunConfig, round_index: int = 0) -> dict:

@@ -128,8 +128,14 @@ async def _one_completion(config: RunConfig, endpoint, instruction: str):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """The current end-to-end path: models, the pool, the teacher, one chat completion."""
-    config = _config(args.config)
+    """The current end-to-end path: models, the pool, the teacher, one chat completion; `check judge`: the judge's
+    calibration alone."""
+    what = list(args.what)
+    if what[:1] == ["judge"]:
+        return _check_judge(what[1:])
+    if len(what) > 1:
+        raise ConfigError(" ".join(what), ["`tapir check` takes one config file (or `judge` and one config file)"])
+    config = _config(what[0] if what else None)
     timings = {}
     started = time.perf_counter()
     prepare_bundled_student(config.storage.cache_dir)
@@ -160,6 +166,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_judge(paths: list[str]) -> int:
+    """Known-quality pairs from the pool, judged as scoring judges them, paid under the run's budget and kept in the
+    run directory (a run on it does not pay for them again); exit status 1 when the judge cannot be trusted."""
+    from pipeline.judge_calibration import calibrate, format_calibration
+
+    if len(paths) > 1:
+        raise ConfigError(" ".join(paths), ["`tapir check judge` takes one config file"])
+    config = _config(paths[0] if paths else None)
+    pool_dir, _ = ensure_pool(config)
+    run_dir = store.locate(config.storage.run_dir, config.storage.s3_endpoint_url)
+    log_path = Path(run_dir.path) / "logs" / "judge.log" if run_dir.is_local else None
+    with open_endpoint(config.effective_judge, config.storage.cache_dir, log_path=log_path) as endpoint:
+        limits = local_limits([config.effective_judge], config.max_cost_usd, spend_record(config))
+        calibration = calibrate(config, endpoint, limits, pool_dir)
+    print(format_calibration(calibration))
+    return 0 if calibration["trusted"] else 1
+
+
 def cmd_classifier_label(args: argparse.Namespace) -> int:
     print(classification.label(_config(args.config), progress=sys.stderr.isatty()).text())
     return 0
@@ -168,7 +192,7 @@ def cmd_classifier_label(args: argparse.Namespace) -> int:
 def cmd_classifier_train(args: argparse.Namespace) -> int:
     metrics = classification.train(_config(args.config))
     print(f"classifier trained on {metrics['train_rows']} rows in {metrics['train_s']} s; held-out agreement with "
-          f"the teacher on {metrics['held_out_rows']} rows: accuracy {metrics['accuracy']:.3f}, "
+          f"the labels ({metrics['labels']}) on {metrics['held_out_rows']} rows: accuracy {metrics['accuracy']:.3f}, "
           f"macro-F1 {metrics['macro_f1']:.3f}")
     print(f"saved to {classification.classifier_location(_config(args.config)).uri} (metrics.json, confusion.png)")
     return 0
@@ -362,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     classifier = commands.add_parser("classifier", help="the task classifier").add_subparsers(
         dest="action", required=True)
     for name, run, text in (("label", cmd_classifier_label, "the teacher labels a sample of the pool"),
-                            ("train", cmd_classifier_train, "fine-tune the classifier on the teacher's labels"),
+                            ("train", cmd_classifier_train, "fine-tune the classifier on the teacher's labels (or on "
+                                                              "classifier.labels_path)"),
                             ("apply", cmd_classifier_apply, "label the whole pool with the classifier (Ray Data)")):
         command = classifier.add_parser(name, help=text)
         command.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
@@ -445,8 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     logs_cmd.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     logs_cmd.set_defaults(run=cmd_logs)
 
-    check = commands.add_parser("check", help="models, pool, local teacher and one chat completion, end to end")
-    check.add_argument("config", nargs="?", help="run config (default: the bundled local.yaml)")
+    check = commands.add_parser("check", usage="tapir check [-h] [judge] [CONFIG]", help=(
+        "models, pool, local teacher and one chat completion, end to end; `check judge`: only the judge's "
+        "calibration (known-quality pairs from the pool; exit status 1 when it cannot tell)"))
+    check.add_argument("what", nargs="*", metavar="[judge] [CONFIG]", help=(
+        "`judge` to calibrate the judge alone; the run config (default: the bundled local.yaml)"))
     check.set_defaults(run=cmd_check)
     return parser
 

@@ -231,6 +231,10 @@ class ClassifierConfig(Section):
     backbone: str = Field(BUNDLED_ENCODER, description=(
         "Encoder to fine-tune: DeBERTa-v3 on a cluster, the bundled MiniLM locally, any HF encoder."))
     label_sample_size: int = Field(1000, gt=0, description="Pool rows the teacher labels for training.")
+    labels_path: Optional[str] = Field(None, description=(
+        "A file of labelled rows (instruction, optional input, category), in any `tapir pool import` format, or "
+        "'bundled:sample' for the shipped pool's own categories: the classifier trains on it instead of on teacher "
+        "labels, and no API call is made for it. Every category must be one of curriculum.task_targets."))
     num_actors: int = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0)
     batch_size: int = Field(64, gt=0)
@@ -240,11 +244,46 @@ class ClassifierConfig(Section):
     train: ClassifierTrainConfig = ClassifierTrainConfig()
 
 
+class JudgeCalibrationConfig(Section):
+    """Before a run pays for scoring, the judge rates pairs whose better answer is known (pipeline/judge_calibration.py)."""
+
+    enabled: bool = Field(False, description=(
+        "Calibrate the judge at the start of round 0's scoring: pool rows' reference answers intact against the "
+        "same answers damaged three ways, each pair judged in both orders, paid under the run's limits and budget; "
+        "the result is kept in RUN_DIR/judge_calibration.json and not paid for again. Off by default so that a "
+        "config without this section sends no call it did not send before; the shipped configs turn it on. "
+        "`tapir check judge` calibrates whatever this says."))
+    rows: int = Field(8, gt=1, description=(
+        "Pool rows with a reference answer to build pairs from: rows × 3 damages (first third only, another row's "
+        "answer, a refusal) × 2 orders judge calls."))
+    bar: float = Field(0.75, ge=0, le=1, description=(
+        "Least discrimination (share of pairs the intact answer wins, ties half; 0.5 is chance) for the judge to "
+        "be trusted. Below it the run warns, in the console and the score manifest, that the judge cannot tell."))
+
+
 class CurriculumConfig(Section):
     rounds: int = Field(2, gt=0)
+    difficulty: Literal["judge", "ifd", "hybrid"] = Field("judge", description=(
+        "How a scored row is called hard or easy. 'judge': TAPIR's MFD, the judge scoring the teacher's and the "
+        "student's answers in both orders (two paid calls a row a round), hard when MFD ≥ mfd_threshold. 'ifd': "
+        "the round's student's IFD (Li et al. 2023: its loss on the teacher's answer given the instruction ÷ "
+        "without it) from its own vLLM engines, no generation and no paid call; the ifd_hard_share highest IFDs "
+        "of the round are hard. 'hybrid': IFD for every row, and the judge decides only the hybrid_band rows "
+        "nearest the IFD boundary (2·hybrid_band paid calls a row a round)."))
     mfd_threshold: float = Field(1.0, description=(
         "δ: rows whose MFD (teacher score − student score) is at least δ are hard. Lion uses 1.0 and counts a "
         "gap of exactly 1.0 as hard; MFD moves in 0.5 steps, so the comparison matters."))
+    ifd_hard_share: float = Field(0.5, gt=0, lt=1, description=(
+        "With IFD: the share of the round's rows (those with an IFD, misaligned ones left out) called hard, the "
+        "highest IFDs; a quantile per round, because IFD's scale moves with the student while α is a share too."))
+    ifd_misaligned_above: Optional[float] = Field(1.0, gt=0, description=(
+        "With IFD: rows whose IFD is above this are left unscored (status ifd_misaligned) and counted, as the IFD "
+        "authors filter IFD > 1: the instruction does not help the student predict the answer at all, usually a "
+        "pair whose answer does not answer it. None keeps them."))
+    hybrid_band: float = Field(0.2, ge=0, le=1, description=(
+        "With hybrid: the share of the round's rows with an IFD, centred on the IFD hard/easy boundary, that the "
+        "judge decides (MFD ≥ mfd_threshold); rows below the band are easy and above it hard by IFD. 0.2 costs 0.4 "
+        "judge calls a row a round against judge's 2."))
     hard_share_start: float = Field(0.5, ge=0, le=1, description="α_0: share of hard rows in round 0.")
     hard_share_step: float = Field(0.25, ge=0, le=1, description="β: α_{r+1} = min(1, α_r + β).")
     rows_per_round: int = Field(200, gt=0, description="Training rows per round after resampling.")
@@ -371,6 +410,7 @@ class RunConfig(Section):
     student: StudentConfig = StudentConfig()
     teacher: EndpointConfig = EndpointConfig()
     judge: Optional[EndpointConfig] = Field(None, description="Defaults to the teacher.")
+    judge_calibration: JudgeCalibrationConfig = JudgeCalibrationConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
     scoring: ScoringConfig = ScoringConfig()

@@ -1,10 +1,11 @@
 """The curriculum math of TAPIR, as pure functions: which scored rows a round trains on.
 
-Difficulty: a row is hard when its MFD (judged teacher score minus student score) is at least δ, as Lion counts
-it (a gap of exactly δ is hard); round r's set has a hard share α_r = min(1, α_0 + r·β) (Lion's hard/easy mix,
-raised each round). Task: each part of the set (hard, easy) is resampled toward the target task distribution
-with an exact size: every category gets its largest-remainder quota of the size; an over-full category is
-down-sampled without replacement, a thin one keeps all its rows and is repeated evenly, never past
+Difficulty: each scored row comes with a hard/easy verdict (or none, when it could not be scored): by the judge,
+hard when its MFD (judged teacher score minus student score) is at least δ, as Lion counts it (a gap of exactly δ
+is hard); by IFD, hard when it is among the round's highest (`rank_verdicts`). Round r's set has a hard share
+α_r = min(1, α_0 + r·β) (Lion's hard/easy mix, raised each round). Task: each part of the set (hard, easy) is
+resampled toward the target task distribution with an exact size: every category gets its largest-remainder
+quota of the size; an over-full category is down-sampled without replacement, a thin one keeps all its rows and is repeated evenly, never past
 `max_copies` copies of one row; a quota a category cannot fill (no rows, or all at the cap) goes to the others
 in proportion to their targets, and what a whole part cannot fill goes to the other part. Rows whose task is not
 in the targets count as "Others" when the targets have it, else as one more category with the smallest target.
@@ -30,6 +31,19 @@ def hard_share(round_index: int, start: float, step: float) -> float:
 def is_hard(mfd: Optional[float], threshold: float) -> Optional[bool]:
     """MFD ≥ δ. None for a row without an MFD (its scoring failed): it is neither hard nor easy."""
     return None if mfd is None or math.isnan(mfd) else bool(mfd >= threshold)
+
+
+def rank_verdicts(values: Sequence[tuple[str, float]], hard_share: float, band_share: float
+                  ) -> dict[str, Optional[bool]]:
+    """Verdicts by rank: of n (id, value) pairs, the round(hard_share·n) highest values are hard (True), the rest
+    easy (False), except the round(band_share·n) nearest that boundary, half on each side: None, for another
+    measure to decide. Ties are ranked by id, so the verdicts do not depend on the rows' order."""
+    ranked = [row_id for _, row_id in sorted((value, row_id) for row_id, value in values)]
+    n = len(ranked)
+    boundary = n - round(hard_share * n)
+    half = round(band_share * n / 2)
+    low, high = max(0, boundary - half), min(n, boundary + half)
+    return {row_id: None if low <= rank < high else rank >= boundary for rank, row_id in enumerate(ranked)}
 
 
 def quotas(targets: dict[str, float], capacity: dict[str, int], size: int) -> dict[str, int]:
@@ -91,7 +105,7 @@ class Plan:
     hard_share_target: float
     hard_rows_available: int
     easy_rows_available: int
-    unscored_rows: int                                  # no MFD: left out
+    unscored_rows: int                                  # no verdict: left out
     rows_outside_targets: int                           # scored rows whose task is not in the targets
     hard_rows_planned: int
     easy_rows_planned: int
@@ -128,17 +142,17 @@ def task_group(task: Optional[str], targets: dict[str, float]) -> str:
     return OTHERS if OTHERS in targets else UNLISTED
 
 
-def plan_round(tasks: Sequence[Optional[str]], mfd: Sequence[Optional[float]], round_index: int, size: int,
-               threshold: float, start: float, step: float, targets: dict[str, float], seed: int, *,
+def plan_round(tasks: Sequence[Optional[str]], hard_verdicts: Sequence[Optional[bool]], round_index: int,
+               size: int, start: float, step: float, targets: dict[str, float], seed: int, *,
                max_copies: int) -> Plan:
     """The round's training rows: a hard part of α_r·size rows and an easy part of the rest, each resampled by
     task, no row more than `max_copies` times. What one part cannot fill goes to the other, so the set has
-    `size` rows whenever the scored rows allow it at the cap."""
+    `size` rows whenever the scored rows allow it at the cap. `hard_verdicts`: per row hard, easy or None
+    (not scored: left out)."""
     alpha = hard_share(round_index, start, step)
     hard, easy = defaultdict(list), defaultdict(list)
     unscored = outside = 0
-    for index, (task, value) in enumerate(zip(tasks, mfd)):
-        verdict = is_hard(value, threshold)
+    for index, (task, verdict) in enumerate(zip(tasks, hard_verdicts)):
         if verdict is None:
             unscored += 1
             continue

@@ -13,7 +13,8 @@ import pyarrow.compute as pc
 from pipeline import store
 from pipeline.classification import round_location
 from pipeline.config import RunConfig
-from pipeline.curriculum import is_hard, plan_round, total_variation
+from pipeline.curriculum import plan_round, total_variation
+from pipeline.difficulty import difficulty_location, distribution, measure, read_verdicts
 from pipeline.scoring import score_location
 from training.sft_data import training_set_location
 
@@ -22,8 +23,7 @@ log = logging.getLogger(__name__)
 PLAN = "plan"
 TRAIN = "train"
 _PLAN_FILE = "plan.parquet"
-_SCORED_COLUMNS = ["id", "instruction", "input", "task", "mfd", "status"]
-MFD_BINS = [-10.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 9.0]
+_SCORED_COLUMNS = ["id", "instruction", "input", "task"]
 
 
 class PlanError(ValueError):
@@ -34,18 +34,6 @@ def plan_location(config: RunConfig, round_index: int) -> store.Location:
     return round_location(config, round_index).child(PLAN)
 
 
-def mfd_distribution(mfd: list[float]) -> dict:
-    """Quantiles and a histogram of the round's MFD values (for the summary and the report)."""
-    if not mfd:
-        return {"rows": 0}
-    ordered = sorted(mfd)
-    quantile = {f"p{int(q * 100)}": round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-                for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
-    bins = [(low, high, f"({low:g}, {high:g}]") for low, high in zip(MFD_BINS, MFD_BINS[1:])]
-    histogram = {label: sum(low < value <= high for value in mfd) for low, high, label in bins}
-    return {"rows": len(mfd), "mean": round(sum(mfd) / len(mfd), 3), **quantile, "histogram": histogram}
-
-
 def plan(config: RunConfig, round_index: int) -> dict:
     """Writes `plan/plan.parquet` (each planned row once, with its `copies` and `difficulty`) and the manifest."""
     out = plan_location(config, round_index)
@@ -53,33 +41,36 @@ def plan(config: RunConfig, round_index: int) -> dict:
     if finished and finished.get("complete"):
         return {**finished, "skipped": True}
     curriculum = config.curriculum
-    scored = store.read_table(score_location(config, round_index), _SCORED_COLUMNS)
-    # planned by id order, so the plan does not depend on the order Ray Data wrote the files in
+    verdicts = read_verdicts(config, round_index)
+    if verdicts is None:
+        raise PlanError(f"{difficulty_location(config, round_index).uri}: round {round_index} has no difficulty "
+                        "verdicts; score the round (tapir score) before planning it")
+    # the scored rows with their verdicts, by id order, so the plan does not depend on the order Ray Data wrote
+    # the files in
+    scored = store.read_table(score_location(config, round_index), _SCORED_COLUMNS).join(verdicts, "id")
     scored = scored.take(pc.sort_indices(scored, [("id", "ascending")]))
-    mfd = [None if status != "ok" else value for value, status in
-           zip(scored.column("mfd").to_pylist(), scored.column("status").to_pylist())]
+    hard = scored.column("hard").to_pylist()
     tasks = scored.column("task").to_pylist()
-    if not any(value is not None for value in mfd):
+    if not any(verdict is not None for verdict in hard):
         failures = Counter(scored.column("status").to_pylist())
         raise PlanError(f"{score_location(config, round_index).uri}: round {round_index} has no row scored ok "
                         f"({', '.join(f'{k}: {n}' for k, n in failures.most_common()) or 'no rows'}), so there is "
                         "nothing to plan: the rows' error column says why; fix the cause and start the run again in "
                         "a new storage.run_dir")
-    chosen = plan_round(tasks, mfd, round_index, curriculum.rows_per_round, curriculum.mfd_threshold,
-                        curriculum.hard_share_start, curriculum.hard_share_step, curriculum.task_targets,
+    chosen = plan_round(tasks, hard, round_index, curriculum.rows_per_round, curriculum.hard_share_start,
+                        curriculum.hard_share_step, curriculum.task_targets,
                         curriculum.seed, max_copies=curriculum.max_copies_per_row)
     for warning in chosen.warnings():
         log.warning("round %d plan: %s", round_index, warning)
     copies = Counter(chosen.indices)
     unique = sorted(copies)
-    table = scored.select(["id", "instruction", "input", "task", "mfd"]).take(unique)
-    table = table.append_column("difficulty", pa.array(
-        ["hard" if is_hard(mfd[i], curriculum.mfd_threshold) else "easy" for i in unique], pa.string()))
+    table = scored.select(["id", "instruction", "input", "task", "difficulty_score", "difficulty_source"]).take(unique)
+    table = table.append_column("difficulty", pa.array(["hard" if hard[i] else "easy" for i in unique], pa.string()))
     table = table.append_column("copies", pa.array([copies[i] for i in unique], pa.int32()))
     store.write_parquet(out, _PLAN_FILE, table)
-    scored_mix = Counter(task for task, value in zip(tasks, mfd) if value is not None)
+    scored_mix = Counter(task for task, verdict in zip(tasks, hard) if verdict is not None)
     summary = {
-        "stage": PLAN, "round": round_index, "complete": True, "rows_scored": len(mfd),
+        "stage": PLAN, "round": round_index, "complete": True, "rows_scored": len(hard),
         "rows_unscored": chosen.unscored_rows, "rows_planned": len(chosen.indices), "distinct_rows": len(unique),
         "rows_wanted": chosen.rows_wanted, "max_copies_per_row": chosen.max_copies,
         "most_copies_of_a_row": max(copies.values(), default=0),
@@ -90,7 +81,8 @@ def plan(config: RunConfig, round_index: int) -> dict:
         "task_mix_scored": dict(scored_mix.most_common()), "task_mix_planned": dict(Counter(chosen.task_mix).most_common()),
         "task_tv_scored": round(total_variation(scored_mix, curriculum.task_targets), 4),
         "task_tv_planned": round(total_variation(chosen.task_mix, curriculum.task_targets), 4),
-        "mfd": mfd_distribution([value for value in mfd if value is not None]),
+        "difficulty": distribution([value for value, verdict in zip(scored.column("difficulty_score").to_pylist(), hard)
+                                    if verdict is not None], measure(config)),
     }
     store.write_json(out, store.MANIFEST, summary)
     return summary

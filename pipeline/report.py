@@ -39,6 +39,12 @@ NO_EVALUATION = ("No evaluation was run: `tapir eval compare CONFIG` writes eval
 # stages in the order a round runs them, for the per-stage plot (summary.json keeps its keys sorted)
 _STAGE_ORDER = ("student", "teacher_score", "judge", "score", "expand", "respond", "train", "trained")
 _SFT_DIR = "sft"
+_HISTOGRAM_CAPTIONS = {
+    "mfd": "Instructions of the scored pool per MFD bin (judge score of the teacher's answer minus the student's); "
+           "the shaded bins are hard.",
+    "ifd": "Instructions of the scored pool per IFD bin (the student's loss on the teacher's answer with the "
+           "instruction ÷ without it); the round's highest IFDs are hard (curriculum.ifd_hard_share), and rows "
+           "above curriculum.ifd_misaligned_above are left out as misaligned."}
 _METRICS_FILE = "metrics.jsonl"
 
 
@@ -186,12 +192,12 @@ def make_plots(rounds: list[RoundFiles], evaluation: Evaluation, out: Path) -> l
     any_summary = next(iter(summaries.values()), None)
     threshold = any_summary["hard_share"]["threshold"] if any_summary else None
     figures = []
-    if any(plan["mfd"]["rows"] for plan in planned.values()):
-        figures.append(Figure("MFD per round", plots.mfd_histogram(
-            {r: plan["mfd"]["histogram"] for r, plan in planned.items() if plan["mfd"]["rows"]}, threshold,
-            out / "mfd_histogram.png"),
-            "Instructions of the scored pool per MFD bin (judge score of the teacher's answer minus the student's); "
-            "the shaded bins are hard."))
+    measured = {r: plan["difficulty"] for r, plan in planned.items() if plan["difficulty"]["rows"]}
+    if measured:
+        name = next(iter(measured.values()))["measure"]
+        figures.append(Figure(f"{name.upper()} per round", plots.difficulty_histogram(
+            {r: difficulty["histogram"] for r, difficulty in measured.items()}, name, threshold,
+            out / "difficulty_histogram.png"), _HISTOGRAM_CAPTIONS[name]))
     if planned:
         targets = {r: (summaries.get(r) or any_summary or {}).get("task_mix", {}).get("target") for r in planned}
         figures.append(Figure("Task mix", plots.task_mix(

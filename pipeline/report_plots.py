@@ -48,13 +48,18 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, dict[str, Optional[fl
 
 
 def _bin_bounds(label: str) -> tuple[float, float]:
-    """'(-0.5, 0]' → (-0.5, 0.0): the bins of planning.mfd_distribution, whose order JSON does not keep."""
+    """'(-0.5, 0]' → (-0.5, 0.0): the bins of difficulty.distribution, whose order JSON does not keep."""
     low, high = re.fullmatch(r"\((\S+), (\S+)\]", label).groups()
     return float(low), float(high)
 
 
-def mfd_histogram(histograms: dict[int, dict[str, int]], threshold: Optional[float], path: Path) -> Path:
-    """Rows per MFD bin, one bar per round in each bin; bins above the hard threshold δ shaded."""
+_AXIS = {"mfd": "MFD (teacher score − student score) bin", "ifd": "IFD (loss with the instruction ÷ without) bin"}
+
+
+def difficulty_histogram(histograms: dict[int, dict[str, int]], measure: str, threshold: Optional[float],
+                         path: Path) -> Path:
+    """Rows per difficulty bin (MFD or IFD), one bar per round in each bin; bins above a fixed hard threshold
+    (the judge's δ) shaded."""
     bins = sorted({label for histogram in histograms.values() for label in histogram}, key=_bin_bounds)
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(bins) + 2), 4.2))
     _grouped_bars(ax, bins, {f"round {r} ({sum(histogram.values())} rows)": histogram
@@ -63,10 +68,10 @@ def mfd_histogram(histograms: dict[int, dict[str, int]], threshold: Optional[flo
         hard = [i for i, label in enumerate(bins) if _bin_bounds(label)[0] >= threshold]
         if hard:
             ax.axvspan(hard[0] - 0.5, len(bins) - 0.5, color="tab:red", alpha=0.08,
-                       label=f"hard: MFD ≥ δ = {threshold:g}")
-    ax.set_xlabel("MFD (teacher score − student score) bin")
+                       label=f"hard: {measure.upper()} ≥ δ = {threshold:g}")
+    ax.set_xlabel(_AXIS[measure])
     ax.set_ylabel("scored instructions")
-    ax.set_title("Model fitting difficulty of the scored pool, per round")
+    ax.set_title(f"{measure.upper()} of the scored pool, per round")
     ax.legend()
     return _save(fig, path)
 

@@ -1,9 +1,12 @@
 """The summary of one round, from its stages' summaries: rows through each stage, hard share, task mix before
-and after against the target, the MFD distribution, tokens and cost. Saved as `round_R/summary.json` and
-`summary.txt`, and printed."""
+and after against the target, the difficulty distribution (MFD or IFD), tokens and cost. Saved as
+`round_R/summary.json` and `summary.txt`, and printed."""
 from __future__ import annotations
 
+import textwrap
+
 from pipeline.config import RunConfig
+from pipeline.difficulty import format_distribution
 
 _TOP_TASKS = 6
 
@@ -22,13 +25,17 @@ def round_summary(config: RunConfig, round_index: int, stages: dict[str, dict]) 
                  "training_set": train_set["rows"], "trained": train["data"]["rows_trainable"]["train"]},
         "hard_share": {"target": plan["hard_share_target"], "planned": plan["hard_share_planned"],
                        "training_set": train_set["hard_share"], "hard_rows_available": plan["hard_rows_available"],
-                       "threshold": config.curriculum.mfd_threshold},
+                       "rule": hard_rule(config),
+                       # δ shades the report's histogram where MFD alone decides; IFD's boundary moves each round
+                       "threshold": (config.curriculum.mfd_threshold if config.curriculum.difficulty == "judge"
+                                     else None)},
         "plan_warnings": plan.get("warnings", []),          # absent from plans written before there were any
         "task_mix": {"target": {k: round(v, 4) for k, v in config.curriculum.task_targets.items()},
                      "scored": plan["task_mix_scored"], "training_set": train_set["task_mix"],
                      "tv_scored": plan["task_tv_scored"], "tv_planned": plan["task_tv_planned"],
                      "tv_training_set": train_set["task_tv"]},
-        "mfd": plan["mfd"],
+        "difficulty": plan["difficulty"],
+        "judge_requests_per_row": score["judge_requests_per_row"],
         "tokens": {"student": score["tokens"]["student_completion"], "teacher_score": score["tokens"]["teacher"],
                    "judge": score["tokens"]["judge"], "expand": expand["tokens"], "respond": respond["tokens"],
                    "trained": train["training"]["tokens_trained"]},
@@ -36,7 +43,18 @@ def round_summary(config: RunConfig, round_index: int, stages: dict[str, dict]) 
         "training": {"final_loss": train["training"]["final_loss"], "first_loss": train["training"]["first_loss"],
                      "model": train["model"]},
         "wall_s": {name: stages[name].get("wall_s") for name in ("score", "expand", "respond", "train")},
+        # what round 0's scoring found the task labels and the judge worth (absent from older manifests)
+        "classifier": score.get("classifier"), "judge_calibration": score.get("judge_calibration"),
     }
+
+
+def hard_rule(config: RunConfig) -> str:
+    """How the run calls a row hard, in words."""
+    curriculum = config.curriculum
+    ifd = f"IFD in the top {curriculum.ifd_hard_share:.0%} of the round"
+    return {"judge": f"MFD ≥ {curriculum.mfd_threshold:g}",
+            "ifd": ifd, "hybrid": f"{ifd}; MFD ≥ {curriculum.mfd_threshold:g} in the {curriculum.hybrid_band:.0%} "
+                                  "band around its boundary"}[curriculum.difficulty]
 
 
 def _top(mix: dict, total: int) -> str:
@@ -45,7 +63,7 @@ def _top(mix: dict, total: int) -> str:
 
 
 def format_round_summary(summary: dict) -> str:
-    rows, hard, mix, mfd = summary["rows"], summary["hard_share"], summary["task_mix"], summary["mfd"]
+    rows, hard, mix = summary["rows"], summary["hard_share"], summary["task_mix"]
     dropped = ", ".join(f"{k} {v}" for k, v in rows["expansion_dropped"].items()) or "none"
     tokens = summary["tokens"]
     lines = [
@@ -54,22 +72,35 @@ def format_round_summary(summary: dict) -> str:
         f"({rows['planned_distinct']} distinct) + new {rows['expansion_kept']} of {rows['expansion_requests']} "
         f"(dropped: {dropped}) → answered {rows['answered']} → training set {rows['training_set']} → trained "
         f"{rows['trained']}",
-        f"  hard share (MFD ≥ {hard['threshold']}): target {hard['target']:.2f}, planned {hard['planned']}, "
+        f"  hard share ({hard['rule']}): target {hard['target']:.2f}, planned {hard['planned']}, "
         f"training set {hard['training_set']} ({hard['hard_rows_available']} hard rows available)",
         f"  task mix, total variation from the target: scored pool {mix['tv_scored']:.3f} → planned "
         f"{mix['tv_planned']:.3f} → training set {mix['tv_training_set']:.3f}",
         f"    scored: {_top(mix['scored'], sum(mix['scored'].values()))}",
         f"    training set: {_top(mix['training_set'], sum(mix['training_set'].values()))}",
-        f"  MFD over {mfd['rows']} rows: " + (f"mean {mfd['mean']}, p10 {mfd['p10']}, median {mfd['p50']}, "
-                                              f"p90 {mfd['p90']}" if mfd["rows"] else "none scored"),
+        f"  {format_distribution(summary['difficulty'])}; judge requests a pool row "
+        f"{summary['judge_requests_per_row']}",
         f"  tokens: student {tokens['student']}, teacher {_io(tokens['teacher_score'])}, judge {_io(tokens['judge'])}, "
         f"expand {_io(tokens['expand'])}, respond {_io(tokens['respond'])}; trained on {tokens['trained']}",
         f"  cost ${summary['cost_usd']['total']:.4f}; loss {_loss(summary['training']['first_loss'])} → "
         f"{_loss(summary['training']['final_loss'])}; model {summary['training']['model']}",
         "  wall s: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["wall_s"].items() if v is not None),
         *(f"  warning: {warning}" for warning in summary.get("plan_warnings", [])),
+        *labels_and_judge(summary),
     ]
     return "\n".join(lines)
+
+
+def labels_and_judge(summary: dict) -> list[str]:
+    """Lines on the task classifier's held-out agreement and the judge's calibration, from a summary (the score
+    manifest's or the round's) that holds them."""
+    from pipeline.classification import format_classifier
+    from pipeline.judge_calibration import format_calibration
+
+    lines = [format_classifier(summary["classifier"])] if summary.get("classifier") else []
+    if summary.get("judge_calibration"):
+        lines.append(textwrap.indent(format_calibration(summary["judge_calibration"]), "  "))
+    return lines
 
 
 def _io(tokens: dict) -> str:

@@ -1,7 +1,10 @@
 """`tapir score`: one scoring round, pool → classify → student → teacher → judge → run/round_R/score/.
 
 One streaming Ray Dataset from the pool's shards to the scored Parquet files, so every stage works at
-once (each has its own progress bar); resumable under kill -9 (pipeline/jobs.py).
+once (each has its own progress bar); resumable under kill -9 (pipeline/jobs.py). With IFD difficulty
+(curriculum.difficulty ifd or hybrid) the student does not generate: its answer-loss stage follows the teacher's
+and there is no judge; hybrid then runs a second job, student and judge over the rows IFD leaves in doubt only
+(round_R/judge_band/). Last, the round's verdicts (pipeline/difficulty.py) go to round_R/difficulty/.
 """
 from __future__ import annotations
 
@@ -17,25 +20,34 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import jobs, store
-from pipeline.classification import (checkpoint_location, classified, ensure_classifier, model_location,
-                                     round_location, run_dir)
+from pipeline.classification import (checkpoint_location, classified, classifier_summary, ensure_classifier,
+                                     model_location, round_location, run_dir)
 from pipeline.config import RunConfig
+from pipeline.difficulty import (JUDGE_COLUMNS, band_ids, distribution, format_distribution, measure, read_verdicts,
+                                 score_columns, verdicts, write_verdicts)
 from pipeline.jobs import finish, read_parquet, write_checkpointed
 from pipeline.llm.carried import carried_replies
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
+from pipeline.judge_calibration import calibrate
 from pipeline.llm.limits import cost_usd
 from pipeline.models import Model, resolve_model, run_model
 from pipeline.pool import check_shards, ensure_pool
+from pipeline.round_summary import labels_and_judge
 
 
 STAGE = "score"
+BAND_STAGE = "judge_band"
 # What the stage summary reads back from the written rows (never the responses: the summary stays small).
-_SUMMARY_COLUMNS = ["id", "status", "mfd", "student_tokens", "teacher_prompt_tokens", "teacher_completion_tokens",
-                    "judge_prompt_tokens", "judge_completion_tokens"]
+_TEACHER_USAGE = ["teacher_prompt_tokens", "teacher_completion_tokens"]
+_JUDGE_USAGE = JUDGE_COLUMNS[4:]
 
 
 def score_location(config: RunConfig, round_index: int) -> store.Location:
     return round_location(config, round_index).child(STAGE)
+
+
+def band_location(config: RunConfig, round_index: int) -> store.Location:
+    return round_location(config, round_index).child(BAND_STAGE)
 
 
 def config_hash(config: RunConfig) -> str:
@@ -69,6 +81,8 @@ def score(config: RunConfig, round_index: int = 0, progress: bool = True,
     out = score_location(config, round_index)
     finished = store.read_json(out, store.MANIFEST)
     if finished and finished.get("complete"):
+        if read_verdicts(config, round_index) is None:      # a round scored before there were verdicts
+            _write_verdicts(config, round_index)
         return {**finished, "skipped": True}
     source, rows_in = _source(config, round_index)
     student = student_model(config, round_index)
@@ -79,15 +93,21 @@ def score(config: RunConfig, round_index: int = 0, progress: bool = True,
         init_ray(config.ray, min_cpus=job_cpus(config))
         limits = run_limits(config)          # labelling a sample for the classifier is paid under them too
         classifier = ensure_classifier(config, teacher, limits, progress) if round_index == 0 else None
+        # before the job pays for judging: whether the judge can tell at all (paid once, kept in the run directory)
+        calibration = calibrate(config, judge, limits, source) if round_index == 0 and \
+            config.judge_calibration.enabled else None
         job_started = time.perf_counter()
         stages, spent = _run(config, round_index, source, classifier, student, teacher, judge, limits)
         job_s = time.perf_counter() - job_started
-    summary = summarise(config, round_index, rows_in, read_scored(out), stages, spent,
+    summary = summarise(config, round_index, rows_in, _write_verdicts(config, round_index), stages, spent,
                         {"setup_s": round(job_started - started, 2), "job_s": round(job_s, 2),
                          "wall_s": round(time.perf_counter() - started, 2)})
+    if round_index == 0:
+        summary.update(classifier=classifier_summary(config), judge_calibration=calibration)
     store.write_json(out, store.MANIFEST, summary)
     if summary["complete"]:
-        finish(checkpoint_location(config, round_index, STAGE))
+        for stage in (STAGE, BAND_STAGE):
+            finish(checkpoint_location(config, round_index, stage))
     return summary
 
 
@@ -105,25 +125,44 @@ def _source(config: RunConfig, round_index: int) -> tuple[store.Location, int]:
 
 def _run(config: RunConfig, round_index: int, source: store.Location, classifier: Optional[Model],
          student: Model, teacher: OpenEndpoint, judge: OpenEndpoint, limits) -> tuple[list[dict], dict]:
-    """The streaming job; returns the time of each stage and the API usage of this invocation."""
+    """The streaming job (and hybrid's band job); returns the time of each stage and the API usage of this
+    invocation."""
+    from pipeline.stages.answer_loss import answer_losses
     from pipeline.stages.judge import judged
     from pipeline.stages.student import generate
     from pipeline.stages.teacher import answered
+
+    by_judge = config.curriculum.difficulty == "judge"
 
     def build():
         dataset = read_parquet(source)
         if classifier is not None:
             dataset = classified(dataset, config, classifier, teacher)
-        dataset = generate(dataset, student, config.student)
+        if by_judge:
+            dataset = generate(dataset, student, config.student)
         dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring,
                            config.curriculum.keep_reference_outputs, carried)
-        return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring, carried,
-                      teacher.model)
+        if by_judge:
+            return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring,
+                          carried, teacher.model)
+        # IFD: the student's loss on the teacher's answer with and without the instruction; no generation
+        return answer_losses(dataset, student, config.student, "teacher_response", True,
+                             config.training.system_prompt)
+
+    def build_band():
+        # the band is known once every row has its IFD; the same rows on a re-run (ranked by IFD, then id)
+        band = set(band_ids(config, store.read_table(score_location(config, round_index), score_columns(config))))
+        dataset = read_parquet(score_location(config, round_index)).filter(lambda row: row["id"] in band)
+        dataset = generate(dataset, student, config.student)
+        return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring)
 
     carried = carried_replies(run_dir(config))
 
     stages = write_checkpointed(build, score_location(config, round_index),
                                 checkpoint_location(config, round_index, STAGE), limits)
+    if config.curriculum.difficulty == "hybrid":
+        stages += write_checkpointed(build_band, band_location(config, round_index),
+                                     checkpoint_location(config, round_index, BAND_STAGE), limits)
     return stages, asyncio.run(limits.usage_by_stage())
 
 
@@ -134,10 +173,30 @@ def job_cpus(config: RunConfig) -> int:
                          model_actors=config.classifier.num_actors)
 
 
-def read_scored(location: store.Location) -> pa.Table:
-    """The summary columns of every scored row written so far (empty when nothing was written)."""
-    scored = store.read_table(location, _SUMMARY_COLUMNS)
-    return scored if scored is not None else pa.table({name: [] for name in _SUMMARY_COLUMNS})
+def _write_verdicts(config: RunConfig, round_index: int) -> pa.Table:
+    """Writes the round's difficulty verdicts from the rows written so far; returns them as summary_rows."""
+    columns = score_columns(config) + _TEACHER_USAGE + (_JUDGE_USAGE if config.curriculum.difficulty == "judge" else [])
+    scored = store.read_table(score_location(config, round_index), columns)
+    scored = scored if scored is not None else pa.table({name: [] for name in columns})   # nothing written yet
+    judged = scored if config.curriculum.difficulty == "judge" else (
+        store.read_table(band_location(config, round_index), JUDGE_COLUMNS))
+    verdict = verdicts(config, scored, judged)
+    write_verdicts(config, round_index, verdict)
+    return summary_rows(verdict, scored, judged)
+
+
+def summary_rows(verdict: pa.Table, scored: Optional[pa.Table], judged: Optional[pa.Table]) -> pa.Table:
+    """Each verdict with its row's usage: the teacher's from the scored rows, the student's and the judge's from
+    the rows the judge saw (every row with the judge, the band with hybrid, none with IFD)."""
+    teacher = {row["id"]: row for row in scored.select(["id"] + _TEACHER_USAGE).to_pylist()} if scored else {}
+    judge = {row["id"]: row for row in judged.select(["id"] + _JUDGE_USAGE).to_pylist()} if judged else {}
+    usage = {name: [(teacher if name in _TEACHER_USAGE else judge).get(row_id, {}).get(name) or 0
+                    for row_id in verdict.column("id").to_pylist()] for name in _TEACHER_USAGE + _JUDGE_USAGE}
+    judged_ids = set(judge)
+    table = verdict.append_column("judged", pa.array([i in judged_ids for i in verdict.column("id").to_pylist()]))
+    for name, values in usage.items():
+        table = table.append_column(name, pa.array(values, pa.int64()))
+    return table
 
 
 def _sum(table: pa.Table, column: str) -> int:
@@ -146,12 +205,16 @@ def _sum(table: pa.Table, column: str) -> int:
 
 def summarise(config: RunConfig, round_index: int, rows_in: int, scored: pa.Table, stages: list[dict],
               spent: dict, times: dict) -> dict:
-    """`times`: wall_s for the command, setup_s (endpoints, classifier) and job_s (the streaming job) in it."""
+    """`scored`: summary_rows of the round. `times`: wall_s for the command, setup_s (endpoints, classifier) and
+    job_s (the streaming job) in it."""
     ids = scored.column("id")
     unique = len(pc.unique(ids))
     statuses = Counter(scored.column("status").to_pylist())
     ok = statuses.pop("ok", 0)
-    mfd = scored.column("mfd").drop_null()
+    hard = [value for value in scored.column("hard").to_pylist() if value is not None]
+    scores = [value for value, status in zip(scored.column("difficulty_score").to_pylist(),
+                                             scored.column("status").to_pylist()) if status == "ok"]
+    judged = sum(scored.column("judged").to_pylist())
     teacher_tokens = {"prompt": _sum(scored, "teacher_prompt_tokens"),
                       "completion": _sum(scored, "teacher_completion_tokens")}
     judge_tokens = {"prompt": _sum(scored, "judge_prompt_tokens"), "completion": _sum(scored, "judge_completion_tokens")}
@@ -163,8 +226,11 @@ def summarise(config: RunConfig, round_index: int, rows_in: int, scored: pa.Tabl
         "complete": scored.num_rows == unique == rows_in,
         "rows_in": rows_in, "rows_out": scored.num_rows, "duplicate_rows": scored.num_rows - unique,
         "rows_ok": ok, "failed": dict(statuses.most_common()),
-        "hard_rows": int(pc.sum(pc.greater_equal(mfd, config.curriculum.mfd_threshold)).as_py() or 0),
-        "mfd_mean": round(pc.mean(mfd).as_py(), 3) if len(mfd) else None,
+        "difficulty_measure": config.curriculum.difficulty, "hard_rows": sum(hard), "easy_rows": len(hard) - sum(hard),
+        "difficulty": distribution(scores, measure(config)),
+        # rows the judge stage saw (both orders: two requests each), and the rows decided by its MFD
+        "judged_rows": judged, "judge_requests_per_row": round(2 * judged / rows_in, 3) if rows_in else None,
+        "decided_by_judge": int(pc.sum(pc.equal(scored.column("difficulty_source"), "judge")).as_py() or 0),
         "tokens": {"student_completion": _sum(scored, "student_tokens"), "teacher": teacher_tokens,
                    "judge": judge_tokens},
         "cost_usd": {"teacher": round(teacher_cost, 6), "judge": round(judge_cost, 6),
@@ -182,7 +248,9 @@ def format_summary(summary: dict, location: str) -> str:
         f"round {summary['round']} scored: {summary['rows_out']} of {summary['rows_in']} rows written to {location}"
         + (" (already finished; nothing was run)" if summary.get("skipped") else ""),
         f"  ok {summary['rows_ok']}; failed: {failed}",
-        f"  hard (MFD ≥ threshold) {summary['hard_rows']}; mean MFD {summary['mfd_mean']}",
+        f"  difficulty by {summary['difficulty_measure']}: hard {summary['hard_rows']}, easy {summary['easy_rows']}"
+        f" ({summary['decided_by_judge']} decided by the judge, {summary['judge_requests_per_row']} judge requests a "
+        f"row); {format_distribution(summary['difficulty'])}",
         f"  tokens: student {tokens['student_completion']}, teacher {tokens['teacher']['prompt']} in + "
         f"{tokens['teacher']['completion']} out, judge {tokens['judge']['prompt']} in + "
         f"{tokens['judge']['completion']} out; cost ${summary['cost_usd']['total']:.4f}",
@@ -194,4 +262,4 @@ def format_summary(summary: dict, location: str) -> str:
     if not summary["complete"]:
         lines.append(f"  INCOMPLETE: {summary['rows_out']} rows written for {summary['rows_in']} in the pool, "
                      f"{summary['duplicate_rows']} of them duplicates; run the same command again")
-    return "\n".join(lines)
+    return "\n".join(lines + labels_and_judge(summary))

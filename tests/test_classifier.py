@@ -8,12 +8,13 @@ import pyarrow as pa
 import pytest
 
 from pipeline import store
-from pipeline.config import DEFAULT_TASK_TARGETS, ClassifierConfig, ClassifierTrainConfig, PoolConfig, RunConfig
+from pipeline.config import DEFAULT_TASK_TARGETS, ClassifierConfig, PoolConfig, RunConfig
 from pipeline.llm.client import EndpointError
 from pipeline.llm.emulated_api import EmulatedAPI
 from pipeline.llm.endpoint import OpenEndpoint
 from pipeline.llm.judge import request_text
 from pipeline.llm.secret import Secret
+from pipeline.llm.shared_limits import local_limits
 from pipeline.models import bundled_encoder_dir
 from pipeline.pool import import_pool, read_pool
 from pipeline.stages.classify import TaskClassifier
@@ -40,15 +41,25 @@ def gold(pool: pa.Table) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def trained_classifier(sample_pool, tmp_path_factory) -> tuple[Path, dict]:
-    texts, labels = gold(sample_pool)
-    out = tmp_path_factory.mktemp("classifier") / "model"
-    config = ClassifierConfig(train=ClassifierTrainConfig(epochs=5, learning_rate=2e-4))
-    return out, train_classifier(texts, labels, CATEGORIES, str(bundled_encoder_dir()), config, out, seed=0)
+def trained_classifier(tmp_path_factory) -> tuple[Path, dict, int]:
+    """Trained the way a run with classifier.labels_path trains it (the bundled pool's own categories), with a
+    teacher at hand that must not be asked: (model directory, metrics, requests the teacher received)."""
+    from pipeline.classification import classifier_dir, ensure_classifier
+
+    with EmulatedAPI(api_key="k").serving_in_thread() as api:
+        config = RunConfig.model_validate({
+            "storage": {"run_dir": str(tmp_path_factory.mktemp("labelled") / "run")},
+            "teacher": {"kind": "remote", "base_url": api.base_url, "model": "teacher"},
+            "classifier": {"labels_path": "bundled:sample", "train": {"epochs": 5, "learning_rate": 2e-4}}})
+        limits = local_limits([config.teacher], None)
+        ensure_classifier(config, OpenEndpoint(api.base_url, "teacher", Secret("k")), limits, progress=False)
+    out = classifier_dir(config)
+    return out, json.loads((out / "metrics.json").read_text()), api.stats.received
 
 
-def test_the_classifier_learns_the_task_categories_and_reports_held_out_agreement(trained_classifier):
-    out, metrics = trained_classifier
+def test_the_classifier_learns_the_task_categories_of_a_labelled_file_without_an_api_call(trained_classifier):
+    out, metrics, requests = trained_classifier
+    assert requests == 0 and metrics["labels"] == "bundled:sample"
     assert metrics["held_out_rows"] >= 30 and metrics["train_rows"] + metrics["held_out_rows"] == 339
     assert metrics["accuracy"] >= 0.4          # 32 classes, the largest 12%: far above chance
     assert 0 < metrics["macro_f1"] <= 1 and set(metrics["per_class_f1"]) <= set(CATEGORIES)
@@ -59,7 +70,7 @@ def test_the_classifier_learns_the_task_categories_and_reports_held_out_agreemen
 
 
 def test_the_classify_stage_adds_task_and_confidence_to_every_row(trained_classifier, sample_pool):
-    out, _ = trained_classifier
+    out, _, _ = trained_classifier
     stage = TaskClassifier(str(out), max_len=128)
     batch = sample_pool.slice(0, 40)
     labelled = stage(batch)
@@ -75,7 +86,7 @@ def test_the_classify_stage_adds_task_and_confidence_to_every_row(trained_classi
 
 
 def test_categories_without_examples_still_get_an_output(trained_classifier):
-    out, metrics = trained_classifier
+    out, metrics, _ = trained_classifier
     config = json.loads((out / "config.json").read_text())
     assert len(config["id2label"]) == 32
     assert metrics["categories_without_examples"] == []
@@ -88,6 +99,28 @@ def test_too_few_or_unknown_labels_stop_before_training(tmp_path):
     with pytest.raises(TrainingDataError, match="not among the configured categories: Cooking"):
         train_classifier(["a"] * 20, ["Math"] * 10 + ["Cooking"] * 10, CATEGORIES, backbone, ClassifierConfig(),
                          tmp_path)
+
+
+def test_a_labelled_file_with_a_category_outside_the_targets_is_refused_naming_file_line_and_field(tmp_path):
+    from pipeline.classification import labelled_file
+
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "category": "Math"} for i in range(12)]
+    rows[4]["category"] = "Cooking"
+    del rows[7]["category"]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = RunConfig.model_validate({"classifier": {"labels_path": str(path)}})
+    with pytest.raises(TrainingDataError) as refused:
+        labelled_file(config)
+    message = str(refused.value)
+    assert f"{path}: 2 row(s) without a usable category" in message
+    assert f"{path}:5: field 'category': 'Cooking' is not one of curriculum.task_targets" in message
+    assert f"{path}:8: field 'category': missing" in message
+    rows[4]["category"], rows[7]["category"] = "Math", "Reasoning"
+    rows[2]["instruction"] = ""                            # a row the pool import cannot take
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(TrainingDataError, match=f"1 row.s. cannot be read; the first, {path}:3: field 'instruction'"):
+        labelled_file(config)
 
 
 def labelling_run_config(tmp_path: Path, api: EmulatedAPI, size: int) -> RunConfig:
@@ -148,7 +181,7 @@ def test_classifier_apply_labels_the_whole_pool_on_ray(trained_classifier, tmp_p
 
     from pipeline import classification
 
-    out, _ = trained_classifier
+    out, _, _ = trained_classifier
     config = RunConfig.model_validate({"storage": {"run_dir": str(tmp_path / "run")}, "ray": {"num_cpus": 4},
                                        "classifier": {"num_actors": 2, "batch_size": 32}})
     shutil.copytree(out, classification.classifier_dir(config))

@@ -11,9 +11,15 @@ import pytest
 
 from pipeline import expansion, planning, store
 from pipeline.config import DEFAULT_TASK_TARGETS, CurriculumConfig, RunConfig
-from pipeline.curriculum import (UNLISTED, baseline_copies, hard_share, is_hard, plan_round, quotas, resample,
-                                 total_variation)
+from pipeline.curriculum import (UNLISTED, baseline_copies, hard_share, is_hard, plan_round, quotas, rank_verdicts,
+                                 resample, total_variation)
+from pipeline.difficulty import band_ids, verdicts, write_verdicts
 from pipeline.scoring import score_location
+
+
+def by_mfd(mfd: list) -> list:
+    """Verdicts as the judge gives them, with δ = 1."""
+    return [is_hard(value, 1.0) for value in mfd]
 
 
 def test_the_hard_share_rises_by_beta_each_round_up_to_one():
@@ -51,19 +57,19 @@ def test_a_round_plan_mixes_hard_and_easy_at_alpha_with_the_exact_size():
     tasks = [rng.choice(["Math", "Reasoning", "Writing"]) for _ in range(300)]
     mfd = [rng.uniform(-2, 4) if i % 10 else None for i in range(300)]
     targets = {"Math": 0.5, "Reasoning": 0.3, "Writing": 0.2}
-    plan = plan_round(tasks, mfd, 1, 100, 1.0, 0.5, 0.25, targets, seed=7, max_copies=3)
+    plan = plan_round(tasks, by_mfd(mfd), 1, 100, 0.5, 0.25, targets, seed=7, max_copies=3)
     assert len(plan.indices) == 100 and plan.hard_share_target == 0.75 and plan.warnings() == []
     assert (plan.hard_rows_planned, plan.easy_rows_planned) == (75, 25)
     assert plan.unscored_rows == 30
     assert all(mfd[i] is not None for i in plan.indices)
     assert sum(mfd[i] >= 1.0 for i in plan.indices) == 75
-    assert plan == plan_round(tasks, mfd, 1, 100, 1.0, 0.5, 0.25, targets, seed=7, max_copies=3)   # deterministic
-    assert plan.indices != plan_round(tasks, mfd, 1, 100, 1.0, 0.5, 0.25, targets, seed=8, max_copies=3).indices
+    assert plan == plan_round(tasks, by_mfd(mfd), 1, 100, 0.5, 0.25, targets, seed=7, max_copies=3)   # deterministic
+    assert plan.indices != plan_round(tasks, by_mfd(mfd), 1, 100, 0.5, 0.25, targets, seed=8, max_copies=3).indices
     assert total_variation(plan.task_mix, targets) < 0.02
 
 
 def test_without_hard_rows_the_easy_part_fills_the_round():
-    plan = plan_round(["Math"] * 5, [0.0] * 5, 0, 8, 1.0, 0.5, 0.25, {"Math": 1.0}, seed=0, max_copies=3)
+    plan = plan_round(["Math"] * 5, [False] * 5, 0, 8, 0.5, 0.25, {"Math": 1.0}, seed=0, max_copies=3)
     assert len(plan.indices) == 8 and plan.hard_rows_planned == 0 and plan.easy_rows_planned == 8
 
 
@@ -76,7 +82,7 @@ def test_task_resampling_on_the_alpaca_pool_moves_the_mix_toward_the_target(shar
              for r in rows]
     targets = CurriculumConfig().task_targets
     before = total_variation(Counter(tasks), targets)
-    plan = plan_round(tasks, [2.0] * len(tasks), 0, 1000, 1.0, 1.0, 0.0, targets, seed=0, max_copies=1000)
+    plan = plan_round(tasks, [True] * len(tasks), 0, 1000, 1.0, 0.0, targets, seed=0, max_copies=1000)
     # the categories with rows share the whole target between them, in proportion
     present = {t: s for t, s in DEFAULT_TASK_TARGETS.items() if t in set(tasks)}
     reachable = {t: s / sum(present.values()) for t, s in present.items()}
@@ -114,7 +120,7 @@ def test_the_baseline_draws_its_rows_at_random_without_repeats_until_the_pool_ru
 
 
 def plan_of(tasks, mfd, size=48, round_index=1, start=0.5, step=0.25, targets=None, max_copies=3):
-    return plan_round(tasks, mfd, round_index, size, 1.0, start, step, targets or {"Math": 0.5, "Writing": 0.5},
+    return plan_round(tasks, by_mfd(mfd), round_index, size, start, step, targets or {"Math": 0.5, "Writing": 0.5},
                       seed=0, max_copies=max_copies)
 
 
@@ -183,9 +189,12 @@ def scored_round(tmp_path, mfd: list, statuses: list, **curriculum) -> RunConfig
     config = RunConfig.model_validate({"storage": {"run_dir": str(tmp_path / "run")},
                                        "curriculum": {"task_targets": {"Math": 1.0}, **curriculum}})
     n = len(mfd)
-    store.write_parquet(score_location(config, 0), "part-0.parquet", pa.table({
+    scored = pa.table({
         "id": [f"r{i:02d}" for i in range(n)], "instruction": [f"Question {i}?" for i in range(n)],
-        "input": [""] * n, "task": ["Math"] * n, "mfd": pa.array(mfd, pa.float32()), "status": statuses}))
+        "input": [""] * n, "task": ["Math"] * n, "mfd": pa.array(mfd, pa.float32()), "status": statuses,
+        "error": pa.nulls(n, pa.string())})
+    store.write_parquet(score_location(config, 0), "part-0.parquet", scored)
+    write_verdicts(config, 0, verdicts(config, scored))
     return config
 
 
@@ -219,3 +228,62 @@ def test_a_round_with_no_row_scored_ok_stops_with_the_failures_by_reason(tmp_pat
     with pytest.raises(planning.PlanError, match=r"round 0 has no row scored ok \(teacher_timeout: 2, "
                                                   r"student_too_long: 1\)"):
         planning.plan(config, 0)
+
+
+def test_ifd_calls_the_highest_share_hard_and_leaves_a_band_around_the_boundary_to_the_judge():
+    values = [(f"r{i}", i / 10) for i in range(10)]
+    assert rank_verdicts(values, 0.3, 0.0) == {f"r{i}": i >= 7 for i in range(10)}
+    assert rank_verdicts(list(reversed(values)), 0.3, 0.0) == rank_verdicts(values, 0.3, 0.0)   # order-free
+    # a band of 4 rows: two each side of the boundary (between r6 and r7)
+    band = rank_verdicts(values, 0.3, 0.4)
+    assert [band[f"r{i}"] for i in range(10)] == [False] * 5 + [None] * 4 + [True]
+    # ties are ranked by id, so the same values give the same verdicts whatever the rows' order
+    assert rank_verdicts([("b", 0.5), ("a", 0.5)], 0.5, 0.0) == {"a": False, "b": True}
+    assert rank_verdicts([], 0.5, 0.2) == {}
+
+
+def ifd_scored(tmp_path, ifd: list, difficulty: str, **curriculum) -> tuple[RunConfig, pa.Table]:
+    """A round scored by IFD: the answer-loss stage's columns, one teacher failure and one misaligned pair."""
+    config = RunConfig.model_validate({"storage": {"run_dir": str(tmp_path / difficulty)}, "curriculum": {
+        "task_targets": {"Math": 1.0}, "difficulty": difficulty, "ifd_hard_share": 0.5, **curriculum}})
+    n = len(ifd)
+    teacher_ok = [value is not None for value in ifd]
+    return config, pa.table({
+        "id": [f"r{i:02d}" for i in range(n)], "instruction": [f"Question {i}?" for i in range(n)],
+        "input": [""] * n, "task": ["Math"] * n, "ifd": pa.array(ifd, pa.float32()),
+        "teacher_status": ["ok" if ok else "timeout" for ok in teacher_ok],
+        "teacher_error": [None if ok else "no answer in 60 s" for ok in teacher_ok],
+        "answer_status": ["ok" if ok else "no_answer" for ok in teacher_ok],
+        "answer_error": [None if ok else "column 'teacher_response' is empty" for ok in teacher_ok]})
+
+
+def test_ifd_verdicts_mark_misaligned_and_failed_rows_with_a_reason_and_plan_the_rest(tmp_path):
+    ifd = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.2, None]
+    config, scored = ifd_scored(tmp_path, ifd, "ifd", rows_per_round=8)
+    table = verdicts(config, scored).to_pylist()
+    assert [row["status"] for row in table][-2:] == ["ifd_misaligned", "teacher_timeout"]
+    assert "IFD 1.200 > 1" in table[8]["error"] and table[9]["error"] == "no answer in 60 s"
+    assert [row["hard"] for row in table] == [False] * 4 + [True] * 4 + [None, None]   # the top half of 8 valid
+    assert {row["difficulty_source"] for row in table} == {"ifd"}
+    store.write_parquet(score_location(config, 0), "part-0.parquet", scored)
+    write_verdicts(config, 0, verdicts(config, scored))
+    manifest = planning.plan(config, 0)
+    assert (manifest["hard_rows_available"], manifest["easy_rows_available"], manifest["rows_unscored"]) == (4, 4, 2)
+    assert manifest["difficulty"]["measure"] == "ifd" and manifest["difficulty"]["rows"] == 8
+    planned = planning.read_plan(config, 0).to_pylist()
+    assert all((row["difficulty"] == "hard") == (row["difficulty_score"] > 0.45) for row in planned)
+
+
+def test_hybrid_asks_the_judge_only_about_the_band_and_takes_its_verdict_there(tmp_path):
+    ifd = [i / 20 for i in range(20)]
+    config, scored = ifd_scored(tmp_path, ifd, "hybrid", hybrid_band=0.2)
+    band = band_ids(config, scored)
+    assert band == ["r08", "r09", "r10", "r11"]                     # 20 % of 20 rows, around the boundary r09|r10
+    judged = pa.table({"id": band, "status": ["ok", "ok", "ok", "judge_unparseable"],
+                       "error": [None, None, None, "no score in the reply"], "mfd": pa.array([2.0, 0.0, 0.5, None])})
+    table = {row["id"]: row for row in verdicts(config, scored, judged).to_pylist()}
+    assert [table[i]["hard"] for i in band] == [True, False, False, None]     # the judge's MFD ≥ δ decides there
+    assert table["r11"]["status"] == "judge_unparseable"
+    assert [table[i]["difficulty_source"] for i in band[:3]] == ["judge"] * 3
+    assert table["r07"]["hard"] is False and table["r12"]["hard"] is True      # outside the band IFD decides
+    assert sum(row["difficulty_source"] == "judge" for row in table.values()) == 3

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import planning, responding, store
 from pipeline.config import EndpointConfig, ExpansionConfig, RespondConfig, RunConfig
+from pipeline.difficulty import verdicts, write_verdicts
 from pipeline.llm.emulated_api import EmulatedAPI, Faults
 from pipeline.llm.prompts import prompt_template
 from pipeline.llm.shared_limits import local_limits
@@ -126,10 +127,11 @@ def scored_round(tmp_path) -> RunConfig:
         "curriculum": {"rows_per_round": 12, "mfd_threshold": 1.0, "hard_share_start": 0.5,
                        "task_targets": {"Math": 0.5, "Writing": 0.5}}})
     rows = [{"id": f"r{i:02d}", "instruction": f"Question {i}", "input": "", "task": "Math" if i % 3 else "Writing",
-             "mfd": [3.0, 0.0, -1.0][i % 3] if i != 7 else None, "status": "ok" if i != 7 else "judge_unparseable"}
-            for i in range(12)]
+             "mfd": [3.0, 0.0, -1.0][i % 3] if i != 7 else None, "status": "ok" if i != 7 else "judge_unparseable",
+             "error": None if i != 7 else "no score in the reply"} for i in range(12)]
     store.write_parquet(store.locate(str(tmp_path / "run" / "round_0" / "score")), "part-0.parquet",
                         pa.Table.from_pylist(rows))
+    write_verdicts(config, 0, verdicts(config, pa.Table.from_pylist(rows)))
     return config
 
 
@@ -141,8 +143,8 @@ def test_the_plan_keeps_each_row_once_with_its_copies_and_says_why(tmp_path):
     assert len({r["id"] for r in planned}) == len(planned) == summary["distinct_rows"]
     assert "r07" not in {r["id"] for r in planned} and summary["rows_unscored"] == 1
     assert summary["hard_rows_planned"] == 6 and summary["hard_share_planned"] == 0.5
-    assert all((r["difficulty"] == "hard") == (r["mfd"] >= 1.0) for r in planned)
-    assert summary["mfd"]["rows"] == 11 and sum(summary["mfd"]["histogram"].values()) == 11
+    assert all((r["difficulty"] == "hard") == (r["difficulty_score"] >= 1.0) for r in planned)
+    assert summary["difficulty"]["rows"] == 11 and sum(summary["difficulty"]["histogram"].values()) == 11
     assert planning.plan(config, 0)["skipped"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from browser import images_of
 from pipeline.cli import main
 from pipeline.config import bundled_config_path, load_config
-from pipeline.planning import mfd_distribution
+from pipeline.difficulty import distribution
 from pipeline.report import NO_EVALUATION, ReportError, write_report
 from pipeline.round_summary import round_summary
 from pipeline.rounds import STAGES
@@ -28,9 +28,11 @@ def _stage_summaries(r: int) -> dict[str, dict]:
     tokens = {"prompt": 100 + r, "completion": 50}
     return {
         "score": {"rows_in": 8, "rows_ok": 8, "failed": {}, "cost_usd": {"total": 0.02}, "wall_s": 50.0,
+                  "judge_requests_per_row": 2.0,
                   "tokens": {"student_completion": 300, "teacher": tokens, "judge": tokens}},
         "plan": {"complete": True, "rows_planned": 6, "distinct_rows": 5, "hard_share_target": 0.5 + 0.25 * r,
-                 "hard_share_planned": 0.5 + 0.25 * r, "hard_rows_available": 4, "mfd": mfd_distribution(mfd),
+                 "hard_share_planned": 0.5 + 0.25 * r, "hard_rows_available": 4,
+                 "difficulty": distribution(mfd, "mfd"),
                  "task_mix_scored": {"History": 5, "Math": 2, "Sport": 1},
                  "task_mix_planned": {"Math": 3, "History": 2, "Sport": 1},
                  "task_tv_scored": 0.9, "task_tv_planned": 0.7,

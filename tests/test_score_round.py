@@ -5,6 +5,7 @@ must come out exactly once, and paid calls whose answers were written must not b
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -27,7 +28,7 @@ ROWS = 32          # four batches: the kill comes after two are written, two are
 BATCH = 8
 
 
-def write_config(tmp_path: Path, pool: Path, api: EmulatedAPI, cache_dir: Path) -> Path:
+def write_config(tmp_path: Path, pool: Path, api: EmulatedAPI, cache_dir: Path, label_rows: int = ROWS) -> Path:
     endpoint = {"kind": "remote", "base_url": api.base_url, "model": "paid-teacher", "api_key_env": KEY_ENV,
                 "price": {"input_per_million_usd": 1.0, "output_per_million_usd": 4.0}}
     config = {
@@ -36,10 +37,11 @@ def write_config(tmp_path: Path, pool: Path, api: EmulatedAPI, cache_dir: Path) 
         "ray": {"num_cpus": 2},
         "student": {"batch_size": BATCH, "sampling": {"max_tokens": 16}},
         "teacher": endpoint,
-        "classifier": {"label_sample_size": ROWS, "train": {"epochs": 1}},
+        "classifier": {"label_sample_size": label_rows, "train": {"epochs": 1}},
         "curriculum": {"keep_reference_outputs": False},      # every row costs a teacher call and two judge calls
         "scoring": {"batch_size": BATCH, "batches_in_flight_per_actor": 1},
     }
+    tmp_path.mkdir(exist_ok=True)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -113,3 +115,61 @@ def _teacher_prompt(row: dict) -> str:
     """The key the loopback API counts a teacher request under: its messages, as the stage sends them."""
     return json.dumps([{"role": "user", "content": request_text(row["instruction"], row["input"] or "")}],
                       sort_keys=True)
+
+
+JUDGE_PROMPT_START = "You are a strict and fair judge"   # pipeline/prompts/judge_pairwise.txt
+
+
+def judge_requests(calls: Counter) -> int:
+    return sum(n for key, n in calls.items() if JUDGE_PROMPT_START in key)
+
+
+def test_ifd_scoring_pays_no_judge_and_hybrid_pays_it_only_for_the_band(tmp_path, shared_data, prepared_student):
+    from pipeline.config import load_config
+    from pipeline.difficulty import band_ids
+
+    rows = 16
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join((shared_data / "alpaca_dev_4000.jsonl").read_text().splitlines()[:rows]) + "\n")
+    api = EmulatedAPI()
+    with api.serving_in_thread():
+        env = {**os.environ, KEY_ENV: api.api_key}
+        outputs = {}
+        for mode, extra in (("ifd", {}), ("hybrid", {"hybrid_band": 0.25})):
+            path = write_config(tmp_path / mode, pool, api, prepared_student.parent.parent, rows)
+            config = yaml.safe_load(path.read_text())
+            config["curriculum"] = {"difficulty": mode, "keep_reference_outputs": True, **extra}
+            path.write_text(yaml.safe_dump(config))
+            if mode == "hybrid":      # the classifier the first run trained: not labelled and trained again
+                shutil.copytree(tmp_path / "ifd" / "run" / "classifier", tmp_path / mode / "run" / "classifier")
+            before = Counter(api.stats.answered_prompts)
+            done = subprocess.run([TAPIR, "score", str(path)], capture_output=True, text=True, cwd=REPO, env=env,
+                                  timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+            outputs[mode] = (load_config(path), done.stdout, Counter(api.stats.answered_prompts) - before)
+
+    config, stdout, calls = outputs["ifd"]
+    run = tmp_path / "ifd" / "run" / "round_0"
+    scored = pads.dataset(run / "score", format="parquet").to_table()
+    assert judge_requests(calls) == 0 and "student_response" not in scored.column_names     # no judge, no generation
+    assert set(scored.column("answer_status").to_pylist()) == {"ok"} and scored.column("ifd").null_count == 0
+    verdicts = pads.dataset(run / "difficulty", format="parquet").to_table().to_pylist()
+    valid = [v for v in verdicts if v["status"] == "ok"]
+    misaligned = [v for v in verdicts if v["status"] == "ifd_misaligned"]
+    assert len(valid) + len(misaligned) == rows and all(v["difficulty_score"] > 1 for v in misaligned)
+    assert sum(v["hard"] for v in valid) == round(0.5 * len(valid))                     # ifd_hard_share 0.5
+    manifest = json.loads((run / "score" / "_manifest.json").read_text())
+    assert manifest["judge_requests_per_row"] == 0 and manifest["difficulty"]["measure"] == "ifd"
+    assert manifest["failed"] == ({"ifd_misaligned": len(misaligned)} if misaligned else {})
+    assert "difficulty by ifd: hard" in stdout
+
+    config, stdout, calls = outputs["hybrid"]
+    run = tmp_path / "hybrid" / "run" / "round_0"
+    band = band_ids(config, pads.dataset(run / "score", format="parquet").to_table())
+    judged = pads.dataset(run / "judge_band", format="parquet").to_table()
+    assert sorted(judged.column("id").to_pylist()) == band and len(band) == round(0.25 * len(valid) / 2) * 2
+    assert judge_requests(calls) == 2 * len(band)                  # both orders, for the band's rows only
+    assert all(judged.column("student_response").to_pylist())      # the student answered the band's rows only
+    manifest = json.loads((run / "score" / "_manifest.json").read_text())
+    assert manifest["judge_requests_per_row"] == round(2 * len(band) / rows, 3) <= 0.6
+    assert manifest["decided_by_judge"] == len(band) and manifest["complete"]

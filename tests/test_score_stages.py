@@ -8,12 +8,13 @@ import pytest
 
 from pipeline import store
 from pipeline.config import EndpointConfig, RunConfig, ScoringConfig
+from pipeline.difficulty import verdicts
 from pipeline.llm.carried import carried_replies
 from pipeline.llm.emulated_api import EmulatedAPI, Faults
 from pipeline.llm.shared_limits import local_limits
 from pipeline.pool import PoolImportError, check_shards
 from pipeline.schema import POOL_SCHEMA
-from pipeline.scoring import summarise
+from pipeline.scoring import summarise, summary_rows
 from pipeline.stages.judge import PairJudge
 from pipeline.stages.teacher import TeacherAnswer
 
@@ -145,11 +146,14 @@ def test_an_empty_pool_or_a_directory_without_shards_stops_with_its_path(tmp_pat
 
 
 def scored(ids: list[str], statuses: list[str], mfds: list) -> pa.Table:
+    """Rows as the judge stage writes them, with their verdicts and usage (scoring.summary_rows)."""
+    config = RunConfig()
     n = len(ids)
-    return pa.table({"id": ids, "status": statuses, "mfd": pa.array(mfds, pa.float32()),
-                     "student_tokens": [10] * n, "teacher_prompt_tokens": [100] * n,
-                     "teacher_completion_tokens": [50] * n, "judge_prompt_tokens": [1000] * n,
-                     "judge_completion_tokens": [20] * n})
+    rows = pa.table({"id": ids, "status": statuses, "error": pa.nulls(n, pa.string()),
+                     "mfd": pa.array(mfds, pa.float32()), "student_tokens": [10] * n,
+                     "teacher_prompt_tokens": [100] * n, "teacher_completion_tokens": [50] * n,
+                     "judge_prompt_tokens": [1000] * n, "judge_completion_tokens": [20] * n})
+    return summary_rows(verdicts(config, rows), rows, rows)
 
 
 def test_the_summary_counts_failures_tokens_and_cost_and_flags_duplicates():
@@ -158,7 +162,8 @@ def test_the_summary_counts_failures_tokens_and_cost_and_flags_duplicates():
     summary = summarise(config, 0, 3, scored(["a", "b", "c"], ["ok", "ok", "student_too_long"], [2.0, 0.5, None]),
                         [], {}, {"wall_s": 1.0})
     assert summary["complete"] and summary["rows_ok"] == 2 and summary["failed"] == {"student_too_long": 1}
-    assert summary["hard_rows"] == 1 and summary["mfd_mean"] == 1.25
+    assert summary["hard_rows"] == 1 and summary["difficulty"]["mean"] == 1.25
+    assert summary["difficulty"]["measure"] == "mfd" and summary["judge_requests_per_row"] == 2.0
     assert summary["tokens"]["teacher"] == {"prompt": 300, "completion": 150}
     # the judge defaults to the teacher, so it is billed at the teacher's price too
     assert summary["cost_usd"]["total"] == pytest.approx((300 + 3000) / 1e6 + 2 * (150 + 60) / 1e6)

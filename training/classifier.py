@@ -1,10 +1,10 @@
-"""`tapir classifier train`: fine-tunes a sequence classifier on the teacher's task labels.
+"""`tapir classifier train`: fine-tunes a sequence classifier on task labels (the teacher's, or a labelled file's).
 
 The backbone is any HF encoder: DeBERTa-v3 on a cluster, the bundled MiniLM on a laptop. All configured
 categories get an output, including ones with no examples yet, so the classifier's label space is the
 curriculum's. Imbalance is handled with class weights (inverse square root of frequency). A stratified
-held-out split measures agreement with the teacher: accuracy, macro-F1, per-class F1 and a confusion
-matrix plot are written next to the model.
+held-out split measures agreement with the labels: accuracy, macro-F1, per-class F1 and a confusion matrix plot
+are written next to the model.
 
 A plain PyTorch loop rather than transformers' Trainer: it is a few minutes of single-process
 fine-tuning, and weighted loss would need a Trainer subclass anyway.
@@ -81,7 +81,7 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("classifier")
-    ax.set_ylabel("teacher")
+    ax.set_ylabel("label")
     for (row, col), value in np.ndenumerate(matrix):
         if value:
             ax.text(col, row, str(value), ha="center", va="center", fontsize=7,
@@ -93,8 +93,9 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str)
 
 
 def train_classifier(texts: list[str], labels: list[str], categories: list[str], backbone: str,
-                     config: ClassifierConfig, out_dir: Path, seed: int = 0) -> dict:
-    """Fine-tunes, evaluates on the held-out split, saves model + tokenizer + metrics + plot to out_dir."""
+                     config: ClassifierConfig, out_dir: Path, seed: int = 0, source: str = "teacher") -> dict:
+    """Fine-tunes, evaluates on the held-out split, saves model + tokenizer + metrics + plot to out_dir.
+    `source`: who labelled the rows ('teacher', or the labelled file's path), kept in the metrics as `labels`."""
     unknown = sorted(set(labels) - set(categories))
     if unknown:
         raise TrainingDataError(f"labels not among the configured categories: {', '.join(unknown)}")
@@ -139,7 +140,7 @@ def train_classifier(texts: list[str], labels: list[str], categories: list[str],
     present = sorted(set(truth.tolist()) | set(predicted.tolist()))
     per_class = f1_score(truth, predicted, labels=present, average=None, zero_division=0)
     metrics = {
-        "train_rows": len(train_x), "held_out_rows": len(held_x), "backbone": backbone,
+        "labels": source, "train_rows": len(train_x), "held_out_rows": len(held_x), "backbone": backbone,
         "accuracy": float(accuracy_score(truth, predicted)),
         "macro_f1": float(f1_score(truth, predicted, labels=present, average="macro", zero_division=0)),
         "per_class_f1": {categories[i]: round(float(f), 4) for i, f in zip(present, per_class)},
@@ -153,6 +154,6 @@ def train_classifier(texts: list[str], labels: list[str], categories: list[str],
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     names = [categories[i] for i in present]
     plot_confusion(confusion_matrix(truth, predicted, labels=present), names, out_dir / "confusion.png",
-                   f"held-out agreement with the teacher: accuracy {metrics['accuracy']:.2f}, "
+                   f"held-out agreement with the labels ({source}): accuracy {metrics['accuracy']:.2f}, "
                    f"macro-F1 {metrics['macro_f1']:.2f}")
     return metrics

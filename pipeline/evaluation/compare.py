@@ -35,7 +35,7 @@ from pipeline.rounds import STATE_FILE
 BASELINE = "baseline"
 BASE_STUDENT = "base_student"
 BASELINE_STYLE = "style_plain"
-_POOL_COLUMNS = ["id", "instruction", "input", "task", "mfd"]
+_POOL_COLUMNS = ["id", "instruction", "input", "task"]
 COMPARE_SCHEMA = pa.schema([
     ("model", pa.string()), ("round", pa.int64()), ("win_rate", pa.float64()), ("standard_error", pa.float64()),
     ("lc_win_rate", pa.float64()), ("lc_standard_error", pa.float64()), ("rows_judged", pa.int64()),

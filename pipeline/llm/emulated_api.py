@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -114,6 +115,25 @@ def default_reply(body: dict) -> str:
         return json.dumps(_from_schema(response_format["json_schema"]["schema"], seed))
     words = min(int(body.get("max_tokens") or 64), 48)
     return " ".join(f"word{(seed >> (i % 50)) % 97}" for i in range(words))
+
+
+_JUDGED_ANSWER = re.compile(r"\[The start of answer ([12])\]\n(.*?)\n\[The end of answer \1\]", re.DOTALL)
+_REFUSAL = re.compile(r"^\s*I'?m sorry|^\s*I can(?:no|')t help", re.IGNORECASE)
+
+
+def judge_by_length(body: dict) -> str:
+    """A judge that can tell a complete answer from a damaged one, roughly: of the two answers of a pairwise judge
+    prompt, a refusal scores 1, else the longer scores 8 and the shorter 3 (5 each when equal). Any other request
+    gets default_reply, whose scores are a judge that answers at random."""
+    answers = dict(_JUDGED_ANSWER.findall(body.get("messages", [{}])[-1].get("content", "")))
+    if set(answers) != {"1", "2"}:
+        return default_reply(body)
+
+    def score(mine: str, other: str) -> int:
+        if _REFUSAL.search(mine):
+            return 1
+        return 8 if len(mine) > len(other) else 3 if len(mine) < len(other) else 5
+    return json.dumps({"score_1": score(answers["1"], answers["2"]), "score_2": score(answers["2"], answers["1"])})
 
 
 class EmulatedAPI:

@@ -1,0 +1,134 @@
+"""A round's difficulty verdicts: one generic score and a hard/easy verdict per scored row, whatever measured it.
+
+The score step's stages write their own columns (the judge's `mfd`, the answer-loss stage's `ifd`); this module
+turns them into `round_R/difficulty/part-0.parquet`: `difficulty_score` (the measure's value: MFD with the judge,
+IFD otherwise), `hard` (None for a row that could not be scored), `difficulty_source` (what decided the verdict)
+and the row's final `status`/`error`. Planning, the summaries and the report read only these, so a new measure is
+its stage and its case in `verdicts` (and the score step's list of stages).
+
+The driver builds the table from a few small columns of each row, never the answers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import pyarrow as pa
+
+from pipeline import store
+from pipeline.classification import round_location
+from pipeline.config import RunConfig
+from pipeline.curriculum import is_hard, rank_verdicts
+
+STAGE = "difficulty"
+VERDICT_SCHEMA = pa.schema([("id", pa.string()), ("difficulty_score", pa.float32()), ("hard", pa.bool_()),
+                            ("difficulty_source", pa.string()), ("status", pa.string()), ("error", pa.string())])
+# What the judge stage leaves on a row it judged (or could not), read back for the verdicts and the summary.
+JUDGE_COLUMNS = ["id", "status", "error", "mfd", "student_tokens", "judge_prompt_tokens", "judge_completion_tokens"]
+_IFD_COLUMNS = ["id", "teacher_status", "teacher_error", "answer_status", "answer_error", "ifd"]
+# Histogram bins of each measure: MFD runs from -9 to 9 in 0.5 steps; IFD from 0 to about 1, misaligned above.
+BINS = {"mfd": [-10.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 9.0],
+        "ifd": [0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 100.0]}
+
+
+def difficulty_location(config: RunConfig, round_index: int) -> store.Location:
+    return round_location(config, round_index).child(STAGE)
+
+
+def measure(config: RunConfig) -> str:
+    """The name of `difficulty_score`'s measure in this run."""
+    return "mfd" if config.curriculum.difficulty == "judge" else "ifd"
+
+
+def score_columns(config: RunConfig) -> list[str]:
+    """The columns of the score step's rows the verdicts are built from."""
+    return JUDGE_COLUMNS[:4] if config.curriculum.difficulty == "judge" else _IFD_COLUMNS
+
+
+def ifd_status(row: dict, misaligned_above: Optional[float]) -> tuple[str, Optional[str]]:
+    """(status, error) of a row measured by IFD: the first stage that failed it, or a misaligned pair."""
+    for stage in ("teacher", "answer"):
+        if row[f"{stage}_status"] != "ok":
+            return f"{stage}_{row[f'{stage}_status']}", row[f"{stage}_error"]
+    if misaligned_above is not None and row["ifd"] > misaligned_above:
+        return "ifd_misaligned", (f"IFD {row['ifd']:.3f} > {misaligned_above:g}: the instruction does not help the "
+                                  "student predict the answer; the IFD authors drop such pairs as misaligned")
+    return "ok", None
+
+
+def ifd_ranks(config: RunConfig, rows: list[dict]) -> dict[str, Optional[bool]]:
+    """IFD verdicts of the rows scored ok; None for those in the hybrid band, which the judge decides."""
+    curriculum = config.curriculum
+    band = curriculum.hybrid_band if curriculum.difficulty == "hybrid" else 0.0
+    valid = [(row["id"], row["ifd"]) for row in rows if ifd_status(row, curriculum.ifd_misaligned_above)[0] == "ok"]
+    return rank_verdicts(valid, curriculum.ifd_hard_share, band)
+
+
+def band_ids(config: RunConfig, scored: pa.Table) -> list[str]:
+    """Hybrid: the rows the judge decides (their IFD is nearest the round's hard/easy boundary)."""
+    return sorted(row_id for row_id, verdict in ifd_ranks(config, scored.select(_IFD_COLUMNS).to_pylist()).items()
+                  if verdict is None)
+
+
+def verdicts(config: RunConfig, scored: pa.Table, judged: Optional[pa.Table] = None) -> pa.Table:
+    """One verdict row per scored row. `scored`: the score step's rows (score_columns); `judged`: hybrid's band
+    rows as the judge stage left them (JUDGE_COLUMNS)."""
+    curriculum = config.curriculum
+    rows = scored.select(score_columns(config)).to_pylist()
+    out = []
+    if curriculum.difficulty == "judge":
+        for row in rows:
+            hard = is_hard(row["mfd"], curriculum.mfd_threshold) if row["status"] == "ok" else None
+            out.append((row["id"], row["mfd"], hard, "judge", row["status"], row["error"]))
+    else:
+        out = _ifd_verdicts(config, rows, judged)
+    return pa.Table.from_pylist([dict(zip(VERDICT_SCHEMA.names, values)) for values in out], VERDICT_SCHEMA)
+
+
+def _ifd_verdicts(config: RunConfig, rows: list[dict], judged: Optional[pa.Table]) -> list[tuple]:
+    curriculum = config.curriculum
+    ranks = ifd_ranks(config, rows)
+    out = []
+    band = {row["id"]: row for row in judged.select(JUDGE_COLUMNS[:4]).to_pylist()} if judged is not None else {}
+    for row in rows:
+        status, error = ifd_status(row, curriculum.ifd_misaligned_above)
+        hard, source = ranks.get(row["id"]), "ifd"
+        if status == "ok" and hard is None:             # in the hybrid band: the judge's MFD decides
+            judge = band.get(row["id"])
+            if judge is None:
+                status, error = "not_judged", "in the hybrid band, but the judge's rows have no verdict for it"
+            elif judge["status"] != "ok":
+                status, error = judge["status"], judge["error"]
+            else:
+                hard, source = is_hard(judge["mfd"], curriculum.mfd_threshold), "judge"
+        out.append((row["id"], row["ifd"], hard if status == "ok" else None, source, status, error))
+    return out
+
+
+def distribution(values: list[float], measure_name: str) -> dict:
+    """Quantiles and a histogram of a round's difficulty scores (for the summaries and the report)."""
+    if not values:
+        return {"measure": measure_name, "rows": 0}
+    ordered = sorted(values)
+    quantile = {f"p{int(q * 100)}": round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+                for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    edges = BINS[measure_name]
+    histogram = {f"({low:g}, {high:g}]": sum(low < value <= high for value in values)
+                 for low, high in zip(edges, edges[1:])}
+    return {"measure": measure_name, "rows": len(values), "mean": round(sum(values) / len(values), 3), **quantile,
+            "histogram": histogram}
+
+
+def format_distribution(summary: dict) -> str:
+    name = summary["measure"].upper()
+    if not summary["rows"]:
+        return f"{name}: none scored"
+    return (f"{name} over {summary['rows']} rows: mean {summary['mean']}, p10 {summary['p10']}, median "
+            f"{summary['p50']}, p90 {summary['p90']}")
+
+
+def read_verdicts(config: RunConfig, round_index: int) -> Optional[pa.Table]:
+    return store.read_table(difficulty_location(config, round_index))
+
+
+def write_verdicts(config: RunConfig, round_index: int, table: pa.Table) -> None:
+    store.write_parquet(difficulty_location(config, round_index), "part-0.parquet", table)
