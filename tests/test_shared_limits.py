@@ -1,4 +1,5 @@
 """Several Ray workers share one rate limit through the named limits actor."""
+import asyncio
 import os
 import time
 
@@ -9,6 +10,7 @@ from pipeline import store
 from pipeline.config import EndpointConfig, PriceConfig
 from pipeline.llm.client import ChatClient, ChatReply, ChatRequest, RequestFailed
 from pipeline.llm.emulated_api import EmulatedAPI
+from pipeline.llm.limits import BudgetExceeded, Reservation
 from pipeline.llm.secret import secret_from_env
 from pipeline.llm.shared_limits import endpoint_key, local_limits, shared_limits
 from pipeline.llm.spend import SpendRecord
@@ -96,3 +98,19 @@ def test_a_restarted_limits_actor_comes_back_with_the_runs_endpoints_and_its_spe
         ray.kill(limits.actor, no_restart=False)
         assert ray.get(worker.send_one.remote(config, api.base_url, limits, "after")) == ("ok", 1)
         assert ray.get(limits.actor.record_spend.remote()) > spent > 0
+
+
+def test_leases_sent_together_are_each_held_to_the_budget_and_a_refusal_fails_only_its_own_request(ray_cluster):
+    """A worker's concurrent leases reach the actor in one batch: the budget still books them one by one."""
+    price = PriceConfig(input_per_million_usd=1_000_000.0, output_per_million_usd=1_000_000.0)
+    config = EndpointConfig(kind="remote", base_url="http://127.0.0.1:9", model="m", price=price)
+    # each lease's worst case is (10 + 10) tokens at $1 a token = $20: a $50 cap holds two of them in flight
+    limits = shared_limits("test-batched-budget", [config], 50.0)
+
+    async def lease_all():
+        return await asyncio.gather(*(limits.reserve(endpoint_key(config), 10, 10) for _ in range(5)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(lease_all())
+    assert sum(isinstance(r, Reservation) and r.booked for r in results) == 2
+    assert sum(isinstance(r, BudgetExceeded) for r in results) == 3
