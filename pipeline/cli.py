@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
-from pipeline import classification, store
+from pipeline import classification, console, store
 from pipeline.config import ConfigError, PoolConfig, RunConfig, bundled_config_path, load_config, show
 from pipeline.evaluation.eval_dir import EvalError, model_name
 from pipeline.llm.client import ChatClient, ChatRequest, EndpointError, RequestFailed
@@ -231,19 +233,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline import report, rounds
 
     config = _config(args.config)
+    location = rounds.run_dir(config)
+    # A run that starts its own Ray on a local run directory keeps its console to what a person reads; on a
+    # cluster (ray.address, RAY_ADDRESS) the driver's output is the job's log, which `tapir logs` shows.
+    if not args.verbose and location.is_local and not (config.ray.address or os.environ.get("RAY_ADDRESS")):
+        console.route_to_log(Path(location.path) / "logs" / console.LOG_NAME, f"tapir run {args.config or ''}")
+        console.say(f"run directory {location.uri}; the full output of Ray, vLLM, DeepSpeed and transformers "
+                    f"goes to {console.log_path()} (`tapir -v run` shows it here)")
     state = rounds.run(config, progress=sys.stderr.isatty())
-    location = rounds.run_dir(config).child(rounds.STATE_FILE).uri
+    state_uri = location.child(rounds.STATE_FILE).uri
     try:
-        print(f"report: {report.write_report(config.storage.run_dir, config.storage.s3_endpoint_url)[0]}")
+        console.say(f"report: {report.write_report(config.storage.run_dir, config.storage.s3_endpoint_url)[0]}")
     except Exception as err:    # the run's own outcome still gets said below; the report can be written again
         log.error("the run report could not be written (%s: %s); `tapir report %s` tries again",
                   type(err).__name__, err, config.storage.run_dir)
     if state["status"] == "finished":
-        print(f"run finished: {config.curriculum.rounds} round(s); spent ${state['spent_usd']:.4f}; state in {location}")
+        console.say(f"run finished: {config.curriculum.rounds} round(s); spent ${state['spent_usd']:.4f}; "
+                    f"state in {state_uri}")
         return 0
-    print(f"run {state['status']} in round {state.get('round')} at stage {state.get('stage')}: "
-          f"{state['stopped_because']}\neverything written so far is kept; run the same command to continue "
-          f"(state in {location})")
+    console.say(f"run {state['status']} in round {state.get('round')} at stage {state.get('stage')}: "
+                f"{state['stopped_because']}\neverything written so far is kept; run the same command to continue "
+                f"(state in {state_uri})")
     return 3 if state["status"] == "stopped" else 1
 
 
@@ -345,7 +355,9 @@ def _eval_parser(evaluation, name: str, help_text: str, default_out: str) -> arg
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tapir", description="TAPIR curriculum distillation on Ray")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=(
+        "debug logging; `tapir -v run` also keeps Ray's, vLLM's, DeepSpeed's and transformers' output on the "
+        "console instead of RUN_DIR/logs/run.log"))
     commands = parser.add_subparsers(dest="command", required=True)
 
     config_cmd = commands.add_parser("config", help="check or print a run config").add_subparsers(
@@ -486,11 +498,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.run(args)
     except _USER_ERRORS as err:
-        print(f"tapir: error: {err}", file=sys.stderr)
+        if console.log_path():
+            traceback.print_exc()       # into the log, beside the output that led to it
+        console.error(str(err))
         return 2
     except KeyboardInterrupt:
-        print("tapir: interrupted", file=sys.stderr)
+        print("tapir: interrupted", file=console.terminal(err=True))
         return 130
+    except Exception as err:
+        if not console.log_path():
+            raise
+        # the traceback (with a Ray job's remote one) goes to the log; its last line names the error
+        traceback.print_exc()
+        console.error(f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from pipeline import expansion, planning, responding, resume, scoring, store
+from pipeline import console, expansion, planning, responding, resume, scoring, store
 from pipeline.classification import classifier_location, round_location, run_dir
 from pipeline.config import RunConfig
 from pipeline.llm.endpoint import RunEndpoints
@@ -121,6 +121,7 @@ def _round(config: RunConfig, r: int, endpoints: RunEndpoints, state: dict, save
         state.update(round=r, stage=name)
         save()
         log.info("round %d: %s", r, name)
+        console.progress(f"round {r}: {name}")
         started = time.perf_counter()
         summary = work()
         if not summary.get("complete"):
@@ -128,7 +129,7 @@ def _round(config: RunConfig, r: int, endpoints: RunEndpoints, state: dict, save
                                   f"command again to continue it")
         done["finished"].append(name)
         done["summaries"][name] = _brief(summary)
-        print(f"round {r}: {name} done in {time.perf_counter() - started:.1f} s", flush=True)
+        console.say(f"round {r}: {name} done in {time.perf_counter() - started:.1f} s")
         save()
         return done["summaries"][name]
 
@@ -144,7 +145,7 @@ def _round(config: RunConfig, r: int, endpoints: RunEndpoints, state: dict, save
         store.write_json(round_location(config, r), "summary.json", summary)
         text = format_round_summary(summary)
         store.write_text(round_location(config, r), "summary.txt", text)
-        print(text, flush=True)
+        console.say(text)
         done["summary"] = True
         save()
 

@@ -7,6 +7,7 @@ with no answered paid call sent again beyond the batches in flight at the kill.
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from conftest import kill_when
 from pipeline.config import RespondConfig
 from pipeline.llm.emulated_api import EmulatedAPI, default_reply
 from pipeline.llm.prompts import prompt_template
+from pipeline.rounds import STAGES
 from pipeline.stages.respond import style_for
 
 pytestmark = pytest.mark.slow
@@ -40,6 +42,9 @@ BATCH = 8
 PLANNED = 12
 EXPANDED = 12
 ANSWER_TOKENS = 16         # the emulated teacher writes a word a token: short answers train in seconds
+# What Ray, Ray Data, vLLM, DeepSpeed, transformers and Python write; the console of `tapir run` shows none of it
+THIRD_PARTY = re.compile(r"pid=\d+|\b(INFO|WARNING|DEBUG)\b|Traceback|Dataset|deepspeed|vllm|\bray\.|it/s|"
+                         r"resource_tracker|Warning:")
 
 
 def teacher_reply(body: dict) -> str:
@@ -224,6 +229,17 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(killed_run)
     assert len(page.images) >= 5 and all(loaded for _, loaded in page.images), page.images
     assert api.api_key not in (run / "state.json").read_text()
 
+    # the console: a line per stage, each round's summary and the result; what Ray, vLLM, DeepSpeed and
+    # transformers print goes to the run's log, which both invocations appended to
+    first = (run.parent / "killed.log").read_text()       # round 0, and round 1 up to the kill
+    for console in (first, resumed.stdout + resumed.stderr):
+        assert len(console.splitlines()) <= 45 and not THIRD_PARTY.search(console), console
+    assert all(f"round 0: {stage} done in" in first for stage in STAGES) and "== round 0 ==" in first
+    assert "round 1: train done in" in resumed.stdout and "run finished: 2 round(s)" in resumed.stdout
+    log = (run / "logs" / "run.log").read_text()
+    assert log.count("== tapir run ") == 2 and str(run / "logs" / "run.log") in first
+    assert "(RayTrainWorker pid=" in log and "vllm" in log and "deepspeed" in log.lower()
+
 
 @pytest.mark.timeout(1800)     # a baseline's training and four models' evaluations
 def test_eval_compare_trains_a_plain_baseline_and_scores_every_round_against_it(killed_run, shared_data):
@@ -341,3 +357,18 @@ def test_a_run_stopped_by_its_budget_goes_on_under_a_larger_cap_and_stops_cleanl
         assert stopped.returncode == 3 and "stop requested" in stopped.stdout
         assert api.stats.answered == answered
         assert not (run / "STOP").exists()          # done with: the next run goes on
+
+
+def test_a_run_whose_teacher_refuses_its_key_shows_the_error_and_the_log_that_explains_it(tmp_path, pool,
+                                                                                             prepared_student):
+    api = EmulatedAPI(reply=teacher_reply)
+    with api.serving_in_thread():
+        config = write_config(tmp_path, pool, api, prepared_student.parent.parent)
+        refused = tapir("run", str(config), env={**os.environ, KEY_ENV: "a-revoked-key"}, timeout=300)
+    log = tmp_path / "run" / "logs" / "run.log"
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-3000:]
+    assert "tapir: error: " in refused.stderr and "answered 401" in refused.stderr and str(log) in refused.stderr
+    assert len((refused.stdout + refused.stderr).splitlines()) <= 6 and not THIRD_PARTY.search(
+        refused.stdout + refused.stderr), refused.stdout + refused.stderr
+    text = log.read_text()
+    assert "Traceback" in text and "answered 401" in text and "Ray" in text
