@@ -252,7 +252,7 @@ class JudgeCalibrationConfig(Section):
         "same answers damaged three ways, each pair judged in both orders, paid under the run's limits and budget; "
         "the result is kept in RUN_DIR/judge_calibration.json and not paid for again. Off by default so that a "
         "config without this section sends no call it did not send before; the shipped configs turn it on. "
-        "`tapir check judge` calibrates whatever this says."))
+        "`tapir check judge` calibrates whatever this says; curriculum.difficulty 'auto' calibrates in any case."))
     rows: int = Field(8, gt=1, description=(
         "Pool rows with a reference answer to build pairs from: rows × 3 damages (first third only, another row's "
         "answer, a refusal) × 2 orders judge calls."))
@@ -263,13 +263,15 @@ class JudgeCalibrationConfig(Section):
 
 class CurriculumConfig(Section):
     rounds: int = Field(2, gt=0)
-    difficulty: Literal["judge", "ifd", "hybrid"] = Field("judge", description=(
+    difficulty: Literal["judge", "ifd", "hybrid", "auto"] = Field("judge", description=(
         "How a scored row is called hard or easy. 'judge': TAPIR's MFD, the judge scoring the teacher's and the "
         "student's answers in both orders (two paid calls a row a round), hard when MFD ≥ mfd_threshold. 'ifd': "
         "the round's student's IFD (Li et al. 2023: its loss on the teacher's answer given the instruction ÷ "
         "without it) from its own vLLM engines, no generation and no paid call; the ifd_hard_share highest IFDs "
         "of the round are hard. 'hybrid': IFD for every row, and the judge decides only the hybrid_band rows "
-        "nearest the IFD boundary (2·hybrid_band paid calls a row a round)."))
+        "nearest the IFD boundary (2·hybrid_band paid calls a row a round). 'auto': the judge's calibration "
+        "(judge_calibration) is measured at the start of round 0's scoring, whether or not it is enabled; 'judge' "
+        "when it reaches judge_calibration.bar, else 'ifd', for the whole run."))
     mfd_threshold: float = Field(1.0, description=(
         "δ: rows whose MFD (teacher score − student score) is at least δ are hard. Lion uses 1.0 and counts a "
         "gap of exactly 1.0 as hard; MFD moves in 0.5 steps, so the comparison matters."))

@@ -15,9 +15,10 @@ from typing import Optional
 import pyarrow as pa
 
 from pipeline import store
-from pipeline.classification import round_location
+from pipeline.classification import round_location, run_dir
 from pipeline.config import RunConfig
 from pipeline.curriculum import is_hard, rank_verdicts
+from pipeline.judge_calibration import CALIBRATION_FILE, trusted
 
 STAGE = "difficulty"
 VERDICT_SCHEMA = pa.schema([("id", pa.string()), ("difficulty_score", pa.float32()), ("hard", pa.bool_()),
@@ -34,14 +35,25 @@ def difficulty_location(config: RunConfig, round_index: int) -> store.Location:
     return round_location(config, round_index).child(STAGE)
 
 
+def method(config: RunConfig) -> str:
+    """How this run calls a row hard: judge, ifd or hybrid as configured; with 'auto', the judge when its
+    calibration (RUN_DIR/judge_calibration.json, measured before round 0 is scored) reached the bar, else ifd.
+    Read from the stored calibration each time, so every command of the run, resumed or not, decides alike."""
+    chosen = config.curriculum.difficulty
+    if chosen != "auto":
+        return chosen
+    return "judge" if trusted(store.read_json(run_dir(config), CALIBRATION_FILE), config.judge_calibration.bar) \
+        else "ifd"
+
+
 def measure(config: RunConfig) -> str:
     """The name of `difficulty_score`'s measure in this run."""
-    return "mfd" if config.curriculum.difficulty == "judge" else "ifd"
+    return "mfd" if method(config) == "judge" else "ifd"
 
 
 def score_columns(config: RunConfig) -> list[str]:
     """The columns of the score step's rows the verdicts are built from."""
-    return JUDGE_COLUMNS[:4] if config.curriculum.difficulty == "judge" else _IFD_COLUMNS
+    return JUDGE_COLUMNS[:4] if method(config) == "judge" else _IFD_COLUMNS
 
 
 def ifd_status(row: dict, misaligned_above: Optional[float]) -> tuple[str, Optional[str]]:
@@ -58,7 +70,7 @@ def ifd_status(row: dict, misaligned_above: Optional[float]) -> tuple[str, Optio
 def ifd_ranks(config: RunConfig, rows: list[dict]) -> dict[str, Optional[bool]]:
     """IFD verdicts of the rows scored ok; None for those in the hybrid band, which the judge decides."""
     curriculum = config.curriculum
-    band = curriculum.hybrid_band if curriculum.difficulty == "hybrid" else 0.0
+    band = curriculum.hybrid_band if method(config) == "hybrid" else 0.0
     valid = [(row["id"], row["ifd"]) for row in rows if ifd_status(row, curriculum.ifd_misaligned_above)[0] == "ok"]
     return rank_verdicts(valid, curriculum.ifd_hard_share, band)
 
@@ -75,7 +87,7 @@ def verdicts(config: RunConfig, scored: pa.Table, judged: Optional[pa.Table] = N
     curriculum = config.curriculum
     rows = scored.select(score_columns(config)).to_pylist()
     out = []
-    if curriculum.difficulty == "judge":
+    if method(config) == "judge":
         for row in rows:
             hard = is_hard(row["mfd"], curriculum.mfd_threshold) if row["status"] == "ok" else None
             out.append((row["id"], row["mfd"], hard, "judge", row["status"], row["error"]))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 
 from pipeline.config import RunConfig
-from pipeline.difficulty import format_distribution
+from pipeline.difficulty import format_distribution, method
 
 _TOP_TASKS = 6
 
@@ -27,8 +27,7 @@ def round_summary(config: RunConfig, round_index: int, stages: dict[str, dict]) 
                        "training_set": train_set["hard_share"], "hard_rows_available": plan["hard_rows_available"],
                        "rule": hard_rule(config),
                        # δ shades the report's histogram where MFD alone decides; IFD's boundary moves each round
-                       "threshold": (config.curriculum.mfd_threshold if config.curriculum.difficulty == "judge"
-                                     else None)},
+                       "threshold": config.curriculum.mfd_threshold if method(config) == "judge" else None},
         "plan_warnings": plan.get("warnings", []),          # absent from plans written before there were any
         "task_mix": {"target": {k: round(v, 4) for k, v in config.curriculum.task_targets.items()},
                      "scored": plan["task_mix_scored"], "training_set": train_set["task_mix"],
@@ -52,9 +51,10 @@ def hard_rule(config: RunConfig) -> str:
     """How the run calls a row hard, in words."""
     curriculum = config.curriculum
     ifd = f"IFD in the top {curriculum.ifd_hard_share:.0%} of the round"
-    return {"judge": f"MFD ≥ {curriculum.mfd_threshold:g}",
+    rule = {"judge": f"MFD ≥ {curriculum.mfd_threshold:g}",
             "ifd": ifd, "hybrid": f"{ifd}; MFD ≥ {curriculum.mfd_threshold:g} in the {curriculum.hybrid_band:.0%} "
-                                  "band around its boundary"}[curriculum.difficulty]
+                                  "band around its boundary"}[method(config)]
+    return rule + (", chosen by the judge's calibration (auto)" if curriculum.difficulty == "auto" else "")
 
 
 def _top(mix: dict, total: int) -> str:

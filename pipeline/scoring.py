@@ -2,7 +2,7 @@
 
 One streaming Ray Dataset from the pool's shards to the scored Parquet files, so every stage works at
 once (each has its own progress bar); resumable under kill -9 (pipeline/jobs.py). With IFD difficulty
-(curriculum.difficulty ifd or hybrid) the student does not generate: its answer-loss stage follows the teacher's
+(curriculum.difficulty ifd or hybrid, or auto with a judge its calibration does not trust) the student does not generate: its answer-loss stage follows the teacher's
 and there is no judge; hybrid then runs a second job, student and judge over the rows IFD leaves in doubt only
 (round_R/judge_band/). Last, the round's verdicts (pipeline/difficulty.py) go to round_R/difficulty/.
 """
@@ -23,8 +23,8 @@ from pipeline import jobs, store
 from pipeline.classification import (checkpoint_location, classified, classifier_summary, ensure_classifier,
                                      model_location, round_location, run_dir)
 from pipeline.config import RunConfig
-from pipeline.difficulty import (JUDGE_COLUMNS, band_ids, distribution, format_distribution, measure, read_verdicts,
-                                 score_columns, verdicts, write_verdicts)
+from pipeline.difficulty import (JUDGE_COLUMNS, band_ids, distribution, format_distribution, measure, method,
+                                 read_verdicts, score_columns, verdicts, write_verdicts)
 from pipeline.jobs import finish, read_parquet, write_checkpointed
 from pipeline.llm.carried import carried_replies
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
@@ -93,9 +93,10 @@ def score(config: RunConfig, round_index: int = 0, progress: bool = True,
         init_ray(config.ray, min_cpus=job_cpus(config))
         limits = run_limits(config)          # labelling a sample for the classifier is paid under them too
         classifier = ensure_classifier(config, teacher, limits, progress) if round_index == 0 else None
-        # before the job pays for judging: whether the judge can tell at all (paid once, kept in the run directory)
-        calibration = calibrate(config, judge, limits, source) if round_index == 0 and \
-            config.judge_calibration.enabled else None
+        # before the job pays for judging: whether the judge can tell at all (paid once, kept in the run directory);
+        # with difficulty 'auto' its verdict chooses the measure (difficulty.method)
+        calibrate_now = config.judge_calibration.enabled or config.curriculum.difficulty == "auto"
+        calibration = calibrate(config, judge, limits, source) if round_index == 0 and calibrate_now else None
         job_started = time.perf_counter()
         stages, spent = _run(config, round_index, source, classifier, student, teacher, judge, limits)
         job_s = time.perf_counter() - job_started
@@ -132,7 +133,7 @@ def _run(config: RunConfig, round_index: int, source: store.Location, classifier
     from pipeline.stages.student import generate
     from pipeline.stages.teacher import answered
 
-    by_judge = config.curriculum.difficulty == "judge"
+    by_judge = method(config) == "judge"
 
     def build():
         dataset = read_parquet(source)
@@ -160,7 +161,7 @@ def _run(config: RunConfig, round_index: int, source: store.Location, classifier
 
     stages = write_checkpointed(build, score_location(config, round_index),
                                 checkpoint_location(config, round_index, STAGE), limits)
-    if config.curriculum.difficulty == "hybrid":
+    if method(config) == "hybrid":
         stages += write_checkpointed(build_band, band_location(config, round_index),
                                      checkpoint_location(config, round_index, BAND_STAGE), limits)
     return stages, asyncio.run(limits.usage_by_stage())
@@ -175,10 +176,11 @@ def job_cpus(config: RunConfig) -> int:
 
 def _write_verdicts(config: RunConfig, round_index: int) -> pa.Table:
     """Writes the round's difficulty verdicts from the rows written so far; returns them as summary_rows."""
-    columns = score_columns(config) + _TEACHER_USAGE + (_JUDGE_USAGE if config.curriculum.difficulty == "judge" else [])
+    by_judge = method(config) == "judge"
+    columns = score_columns(config) + _TEACHER_USAGE + (_JUDGE_USAGE if by_judge else [])
     scored = store.read_table(score_location(config, round_index), columns)
     scored = scored if scored is not None else pa.table({name: [] for name in columns})   # nothing written yet
-    judged = scored if config.curriculum.difficulty == "judge" else (
+    judged = scored if by_judge else (
         store.read_table(band_location(config, round_index), JUDGE_COLUMNS))
     verdict = verdicts(config, scored, judged)
     write_verdicts(config, round_index, verdict)
@@ -226,7 +228,7 @@ def summarise(config: RunConfig, round_index: int, rows_in: int, scored: pa.Tabl
         "complete": scored.num_rows == unique == rows_in,
         "rows_in": rows_in, "rows_out": scored.num_rows, "duplicate_rows": scored.num_rows - unique,
         "rows_ok": ok, "failed": dict(statuses.most_common()),
-        "difficulty_measure": config.curriculum.difficulty, "hard_rows": sum(hard), "easy_rows": len(hard) - sum(hard),
+        "difficulty_measure": method(config), "hard_rows": sum(hard), "easy_rows": len(hard) - sum(hard),
         "difficulty": distribution(scores, measure(config)),
         # rows the judge stage saw (both orders: two requests each), and the rows decided by its MFD
         "judged_rows": judged, "judge_requests_per_row": round(2 * judged / rows_in, 3) if rows_in else None,

@@ -113,3 +113,18 @@ def test_tapir_check_judge_prints_the_calibration_alone_and_exits_1_for_a_judge_
     assert done.stdout.startswith("judge calibration: discrimination") and "over 12 of 12" in done.stdout
     assert "WARNING: the judge cannot be trusted" in done.stdout and api.stats.answered == 24
     assert json.loads((tmp_path / "run" / CALIBRATION_FILE).read_text())["calls"] == 24
+
+
+def test_auto_difficulty_uses_the_judge_only_when_its_calibration_reached_the_bar(pool_dir, tmp_path):
+    from pipeline.difficulty import method
+    from pipeline.round_summary import hard_rule
+
+    for reply, expected in ((None, "ifd"), (judge_by_length, "judge")):
+        with EmulatedAPI(api_key=KEY, **({"reply": reply} if reply else {})).serving_in_thread() as api:
+            config = run_config(tmp_path / expected, api)
+            config = RunConfig.model_validate({**config.model_dump(), "curriculum": {"difficulty": "auto"}})
+            assert method(config) == "ifd"            # not calibrated yet: not known to be trustworthy
+            calibrated(config, api, pool_dir)
+        assert method(config) == expected and "chosen by the judge's calibration (auto)" in hard_rule(config)
+        # a later command of the same run (a resumed round, `tapir plan`) decides alike from the stored result
+        assert method(RunConfig.model_validate(config.model_dump())) == expected
