@@ -33,10 +33,13 @@ demo: install
 	$(BIN)/tapir run configs/local.yaml
 
 # --durations=25: the slowest tests on every run, so a slow creep shows in the next log, not at CI's limit
+# ruff first: an unused import or an undefined name fails in a second, not after the suite's half hour
 test: install browser
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra -m "not slow" $(PYTEST_ARGS)
 
 clean:

@@ -18,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pipeline import classification, store
 from pipeline.config import DEFAULT_TASK_TARGETS, PoolConfig, RunConfig
 from pipeline.llm.judge import request_text

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_run import KEY_ENV, write_config, teacher_reply  # noqa: E402  (the test's config and teacher)
+from test_run import KEY_ENV, teacher_reply, write_config  # noqa: E402  (the test's config and teacher)
 
 from pipeline.llm.emulated_api import EmulatedAPI  # noqa: E402
 

@@ -2,15 +2,18 @@
 
     .venv/bin/python benchmarks/sweep_classifier_defaults.py EPOCHS LEARNING_RATE
 """
-import json, sys, time, logging
+import json
+import logging
+import sys
 from pathlib import Path
+
 from pipeline import store
-from pipeline.config import ClassifierConfig, ClassifierTrainConfig, DEFAULT_TASK_TARGETS
-from pipeline.pool import import_pool, read_pool
-from pipeline.config import PoolConfig
+from pipeline.config import DEFAULT_TASK_TARGETS, ClassifierConfig, ClassifierTrainConfig, PoolConfig
 from pipeline.llm.judge import request_text
 from pipeline.models import bundled_encoder_dir
+from pipeline.pool import import_pool, read_pool
 from training.classifier import train_classifier
+
 logging.basicConfig(level=logging.INFO)
 loc = store.locate("/tmp/tapir-sweep-pool")
 if not loc.child("manifest.json").exists():

@@ -91,9 +91,9 @@ def labelled_file(config: RunConfig) -> tuple[list[str], list[str]]:
     """(request texts, categories) of classifier.labels_path, read as `tapir pool import` reads a pool. A row that
     cannot be read, or whose category is missing or not among curriculum.task_targets, is an error naming the file,
     the line and the field: a label the classifier cannot have would otherwise be dropped or learnt silently."""
-    from training import TrainingDataError
     from pipeline.evaluation.winrate_run import evaluated_rows
     from pipeline.pool import QUARANTINE, import_pool
+    from training import TrainingDataError
 
     path, categories = config.classifier.labels_path, list(config.curriculum.task_targets)
     with tempfile.TemporaryDirectory(prefix="tapir-labels-") as local:

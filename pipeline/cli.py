@@ -16,19 +16,19 @@ from pipeline import classification, console, store
 from pipeline.config import ConfigError, PoolConfig, RunConfig, bundled_config_path, load_config, show
 from pipeline.evaluation.eval_dir import EvalError, model_name
 from pipeline.llm.client import ChatClient, ChatRequest, EndpointError, RequestFailed
-from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.endpoint import open_endpoint
+from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.local_server import TeacherServerError
 from pipeline.llm.secret import MissingSecretError
 from pipeline.llm.shared_limits import local_limits
 from pipeline.llm.spend import spend_record
 from pipeline.models import ModelError, bundled_encoder_dir, prepare_bundled_student
-from training import CheckpointMismatch, TrainingDataError
 from pipeline.planning import PlanError
 from pipeline.pool import PoolImportError, ensure_pool, import_pool, read_pool
 from pipeline.report import ReportError
 from pipeline.resume import ResumeRefused
 from pipeline.submission import SubmitError
+from training import CheckpointMismatch, TrainingDataError
 
 log = logging.getLogger("tapir")
 

@@ -20,20 +20,36 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import jobs, store
-from pipeline.classification import (checkpoint_location, classified, classifier_summary, ensure_classifier,
-                                     model_location, round_location, run_dir)
+from pipeline.classification import (
+    checkpoint_location,
+    classified,
+    classifier_summary,
+    ensure_classifier,
+    model_location,
+    round_location,
+    run_dir,
+)
 from pipeline.config import RunConfig
-from pipeline.difficulty import (JUDGE_COLUMNS, band_ids, distribution, format_distribution, measure, method,
-                                 read_verdicts, score_columns, verdicts, write_verdicts)
+from pipeline.difficulty import (
+    JUDGE_COLUMNS,
+    band_ids,
+    distribution,
+    format_distribution,
+    measure,
+    method,
+    read_verdicts,
+    score_columns,
+    verdicts,
+    write_verdicts,
+)
 from pipeline.jobs import finish, read_parquet, write_checkpointed
+from pipeline.judge_calibration import calibrate
 from pipeline.llm.carried import carried_replies
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
-from pipeline.judge_calibration import calibrate
 from pipeline.llm.limits import cost_usd
 from pipeline.models import Model, resolve_model, run_model
 from pipeline.pool import check_shards, ensure_pool
 from pipeline.round_summary import labels_and_judge
-
 
 STAGE = "score"
 BAND_STAGE = "judge_band"

@@ -75,7 +75,7 @@ def job_client(address: Optional[str]):
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return JobSubmissionClient(address, headers=headers)
-    except AuthenticationError as err:
+    except AuthenticationError:
         hint = "the token in RAY_AUTH_TOKEN was refused" if token else "set RAY_AUTH_TOKEN to the cluster's token"
         raise SubmitError(f"the Ray cluster at {address or '$RAY_ADDRESS'} wants token authentication: "
                           f"{hint} (`ray get-auth-token` on the head node prints it)") from None

@@ -24,9 +24,9 @@ from tqdm import tqdm
 from pipeline import store
 from pipeline.config import RunConfig
 from pipeline.llm.client import BUDGET_REFUSED, ChatClient, RequestFailed, unless_refused
-from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.endpoint import OpenEndpoint
 from pipeline.llm.judge import label_task
+from pipeline.llm.limits import BudgetExceeded
 from pipeline.llm.shared_limits import Limits, local_limits
 from pipeline.llm.spend import spend_record
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline import store
+from pipeline import store, task_labels
 from pipeline.config import DEFAULT_TASK_TARGETS, ClassifierConfig, PoolConfig, RunConfig
 from pipeline.llm.client import EndpointError
 from pipeline.llm.emulated_api import EmulatedAPI
@@ -18,7 +18,6 @@ from pipeline.llm.shared_limits import local_limits
 from pipeline.models import bundled_encoder_dir
 from pipeline.pool import import_pool, read_pool
 from pipeline.stages.classify import TaskClassifier
-from pipeline import task_labels
 from pipeline.task_labels import label_sample, labels_location, read_labels
 from training import TrainingDataError
 from training.classifier import train_classifier

@@ -7,8 +7,17 @@ import time
 import pytest
 
 from pipeline.config import EndpointConfig, PriceConfig
-from pipeline.llm.client import (BudgetExceededWithResults, ChatClient, ChatReply, ChatRequest, EndpointError,
-                                 RequestFailed, estimate_prompt_tokens, parse_reset, parse_retry_after)
+from pipeline.llm.client import (
+    BudgetExceededWithResults,
+    ChatClient,
+    ChatReply,
+    ChatRequest,
+    EndpointError,
+    RequestFailed,
+    estimate_prompt_tokens,
+    parse_reset,
+    parse_retry_after,
+)
 from pipeline.llm.emulated_api import EmulatedAPI, Faults
 from pipeline.llm.secret import Secret
 from pipeline.llm.shared_limits import endpoint_key, local_limits

@@ -26,11 +26,10 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
+from conftest import SHARED_DATA
 from referencing import Registry, Resource
 
 from pipeline.config import load_config
-
-from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

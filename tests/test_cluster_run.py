@@ -25,10 +25,10 @@ import psutil
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline.llm.emulated_api import EmulatedAPI
 from processes import with_environment
 from test_run import BATCH, EXPANDED, KEY_ENV, PLANNED, ROWS, teacher_reply, write_config, write_pool
+
+from pipeline.llm.emulated_api import EmulatedAPI
 
 pytestmark = pytest.mark.slow
 

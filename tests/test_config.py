@@ -2,8 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (DEFAULT_TASK_TARGETS, MAX_YAML_VALUES, ConfigError, RunConfig, bundled_config_path,
-                             load_config, show)
+from pipeline.config import (
+    DEFAULT_TASK_TARGETS,
+    MAX_YAML_VALUES,
+    ConfigError,
+    RunConfig,
+    bundled_config_path,
+    load_config,
+    show,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

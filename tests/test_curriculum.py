@@ -11,8 +11,17 @@ import pytest
 
 from pipeline import expansion, planning, store
 from pipeline.config import DEFAULT_TASK_TARGETS, CurriculumConfig, RunConfig
-from pipeline.curriculum import (UNLISTED, baseline_copies, hard_share, is_hard, plan_round, quotas, rank_verdicts,
-                                 resample, total_variation)
+from pipeline.curriculum import (
+    UNLISTED,
+    baseline_copies,
+    hard_share,
+    is_hard,
+    plan_round,
+    quotas,
+    rank_verdicts,
+    resample,
+    total_variation,
+)
 from pipeline.difficulty import band_ids, verdicts, write_verdicts
 from pipeline.scoring import score_location
 

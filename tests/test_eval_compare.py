@@ -7,8 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import RunConfig
-from pipeline.evaluation.compare import (BASELINE_STYLE, COMPARE_SCHEMA, baseline_config, format_compare,
-                                         plan_baseline, trained_rounds)
+from pipeline.evaluation.compare import (
+    BASELINE_STYLE,
+    COMPARE_SCHEMA,
+    baseline_config,
+    format_compare,
+    plan_baseline,
+    trained_rounds,
+)
 from pipeline.evaluation.eval_dir import EvalError
 from pipeline.planning import read_plan
 from pipeline.stages.respond import style_prompts, styled_request

@@ -4,8 +4,14 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.evaluation.winrate import (WinRate, by_category, length_controlled_win_rate, paired_difference,
-                                         preference, win_rate)
+from pipeline.evaluation.winrate import (
+    WinRate,
+    by_category,
+    length_controlled_win_rate,
+    paired_difference,
+    preference,
+    win_rate,
+)
 
 
 def test_a_pair_is_a_win_a_tie_or_a_loss_for_the_model():

@@ -14,13 +14,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import assert_no_file_holds, run_and_run_again
+
 from pipeline.config import EndpointConfig, PriceConfig, RunConfig
 from pipeline.evaluation.eval_dir import EvalError
 from pipeline.evaluation.mtbench import Question, grading_request_text
-from pipeline.evaluation.mtbench_run import (categories_table, format_summary, mtbench, question_rows,
-                                             results_table, summarise, summary_table)
+from pipeline.evaluation.mtbench_run import (
+    categories_table,
+    format_summary,
+    mtbench,
+    question_rows,
+    results_table,
+    summarise,
+    summary_table,
+)
 from pipeline.llm.emulated_api import EmulatedAPI
 from pipeline.llm.shared_limits import local_limits
 from pipeline.report import CATEGORY_COLUMNS

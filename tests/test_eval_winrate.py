@@ -10,13 +10,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import assert_no_file_holds, run_and_run_again
+
 from pipeline.config import PriceConfig, RunConfig
 from pipeline.evaluation.eval_dir import EvalError, model_name
 from pipeline.evaluation.winrate import by_category, length_controlled_win_rate, preference, win_rate
-from pipeline.evaluation.winrate_run import (categories_table, evaluated_rows, format_summary,
-                                             results_table, summarise, summary_table, winrate)
+from pipeline.evaluation.winrate_run import (
+    categories_table,
+    evaluated_rows,
+    format_summary,
+    results_table,
+    summarise,
+    summary_table,
+    winrate,
+)
 from pipeline.llm.emulated_api import EmulatedAPI, default_reply
 from pipeline.llm.judge import request_text
 from pipeline.report import CATEGORY_COLUMNS, COMPARE_COLUMNS

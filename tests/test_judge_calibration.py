@@ -12,8 +12,17 @@ import yaml
 
 from pipeline import store
 from pipeline.config import RunConfig
-from pipeline.judge_calibration import (CALIBRATION_FILE, DAMAGES, REFUSAL, build_pairs, calibrate, first_shard,
-                                        first_third, format_calibration, trusted)
+from pipeline.judge_calibration import (
+    CALIBRATION_FILE,
+    DAMAGES,
+    REFUSAL,
+    build_pairs,
+    calibrate,
+    first_shard,
+    first_third,
+    format_calibration,
+    trusted,
+)
 from pipeline.llm.emulated_api import EmulatedAPI, judge_by_length
 from pipeline.llm.endpoint import OpenEndpoint
 from pipeline.llm.limits import BudgetExceeded

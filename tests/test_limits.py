@@ -2,8 +2,7 @@
 import pytest
 
 from pipeline.config import EndpointConfig, PriceConfig
-from pipeline.llm.limits import (BOOK_AHEAD_S, BudgetExceeded, EndpointDown, EndpointLimits, PausedTooLong,
-                                 RunLimits)
+from pipeline.llm.limits import BOOK_AHEAD_S, BudgetExceeded, EndpointDown, EndpointLimits, PausedTooLong, RunLimits
 
 
 def max_in_any_minute(starts_and_tokens):

@@ -17,7 +17,6 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import assert_no_file_holds
 from processes import left_behind, with_environment
 

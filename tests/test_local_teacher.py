@@ -8,9 +8,9 @@ import pytest
 from pipeline.config import DEFAULT_TASK_TARGETS, EndpointConfig, LocalServerConfig
 from pipeline.llm.client import ChatClient, ChatRequest, EndpointError
 from pipeline.llm.judge import PairScores, judge_pair, label_task
-from pipeline.llm.shared_limits import local_limits
 from pipeline.llm.local_server import LocalTeacherServer, TeacherServerError
 from pipeline.llm.secret import Secret
+from pipeline.llm.shared_limits import local_limits
 
 pytestmark = pytest.mark.slow
 

@@ -3,8 +3,14 @@ import json
 
 import pytest
 
-from pipeline.evaluation.mtbench import (REFERENCE_CATEGORIES, Question, grading_request_text, parse_rating,
-                                         read_questions, read_references)
+from pipeline.evaluation.mtbench import (
+    REFERENCE_CATEGORIES,
+    Question,
+    grading_request_text,
+    parse_rating,
+    read_questions,
+    read_references,
+)
 
 QUESTIONS = [
     {"question_id": 81, "category": "writing",

@@ -109,7 +109,7 @@ def test_parquet_and_alpaca_json_array_sources(tmp_path):
 
 
 def test_hf_datasets_directory(tmp_path):
-    import datasets as hf   # a dev dependency: the real library writes the directories read here
+    import datasets as hf  # a dev dependency: the real library writes the directories read here
 
     rows = {"instruction": ["Explain gravity briefly.", "Translate 'cat' to French."], "input": ["", ""],
             "output": ["Mass attracts mass.", "chat"]}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from browser import images_of
+
 from pipeline.cli import main
 from pipeline.config import bundled_config_path, load_config
 from pipeline.difficulty import distribution

@@ -20,9 +20,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from browser import images_of
 from conftest import kill_when
+
 from pipeline.config import RespondConfig
 from pipeline.llm.emulated_api import EmulatedAPI, default_reply
 from pipeline.llm.prompts import prompt_template

@@ -17,10 +17,10 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
-
-from pipeline.llm.emulated_api import EmulatedAPI
 from s3_server import CREDENTIALS, S3Server, moto_s3
 from test_run import KEY_ENV, TAPIR, teacher_reply
+
+from pipeline.llm.emulated_api import EmulatedAPI
 
 pytestmark = pytest.mark.slow
 

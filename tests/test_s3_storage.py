@@ -9,12 +9,12 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from s3_server import moto_s3
+from test_report import _write_run
 
 from pipeline import store
 from pipeline.models import ModelError, StoredModel, bundled_encoder_dir, local_model, resolve_model
 from pipeline.pool import read_pool
-from s3_server import moto_s3
-from test_report import _write_run
 
 TAPIR = str(Path(sys.executable).with_name("tapir"))
 BUCKET = "tapir-s3-storage"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 import yaml
-
 from conftest import kill_when
+
 from pipeline.llm.emulated_api import EmulatedAPI
 from pipeline.llm.judge import request_text
 

@@ -173,8 +173,8 @@ def test_the_summary_counts_failures_tokens_and_cost_and_flags_duplicates():
 
 
 def test_a_budget_or_key_error_inside_a_stage_reaches_the_user_unwrapped():
-    from pipeline.llm.limits import BudgetExceeded
     from pipeline.jobs import stopping_cause
+    from pipeline.llm.limits import BudgetExceeded
 
     budget = BudgetExceeded("the next request could take the run past max_cost_usd=$1.00")
     try:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from s3_server import CREDENTIALS, moto_s3
 
 from pipeline import store
 from pipeline.models import StoredModel, local_model, run_model
-from s3_server import CREDENTIALS, moto_s3
 
 
 @pytest.fixture(scope="module")

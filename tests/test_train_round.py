@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import kill_when
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads

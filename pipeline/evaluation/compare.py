@@ -27,8 +27,8 @@ from pipeline.config import RunConfig
 from pipeline.curriculum import baseline_copies
 from pipeline.evaluation.eval_dir import CATEGORIES_FILE, EVAL_DIR, RESULTS_FILE, EvalError, eval_location
 from pipeline.evaluation.winrate import paired_difference
-from pipeline.llm.endpoint import RunEndpoints
 from pipeline.jobs import job_cpus
+from pipeline.llm.endpoint import RunEndpoints
 from pipeline.report import COMPARE_FILE
 from pipeline.rounds import STATE_FILE
 

@@ -28,10 +28,18 @@ import pyarrow as pa
 
 from pipeline import store
 from pipeline.config import PriceConfig, RunConfig
-from pipeline.evaluation.mtbench import (Question, QuestionId, read_questions, read_references,
-                                         shows_reference)
-from pipeline.evaluation.eval_dir import (RESULTS_FILE, EvalError, absolute, claim, closing_lines, eval_location,
-                                          finished_summary, model_name, write_outputs)
+from pipeline.evaluation.eval_dir import (
+    RESULTS_FILE,
+    EvalError,
+    absolute,
+    claim,
+    closing_lines,
+    eval_location,
+    finished_summary,
+    model_name,
+    write_outputs,
+)
+from pipeline.evaluation.mtbench import Question, QuestionId, read_questions, read_references, shows_reference
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
 from pipeline.llm.limits import cost_usd
 from pipeline.models import Model, model_key, resolve_model
@@ -54,7 +62,7 @@ def mtbench(config: RunConfig, model: str, questions_file: Optional[str] = None,
     summary (also written as OUT/_manifest.json). Files left None come from `config.eval`; `name` (default from
     the model, see eval_dir.model_name) names OUT, RUN_DIR/eval/NAME-mtbench/. A finished evaluation of the
     same inputs is not run again; an interrupted one continues with the questions not yet written."""
-    from pipeline.scoring import config_hash      # scoring's imports are only needed once a model is evaluated
+    from pipeline.scoring import config_hash  # scoring's imports are only needed once a model is evaluated
 
     questions_file = questions_file or config.eval.mtbench_questions
     if not questions_file:

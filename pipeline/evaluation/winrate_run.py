@@ -28,8 +28,16 @@ import pyarrow as pa
 
 from pipeline import store
 from pipeline.config import PoolConfig, PriceConfig, RunConfig
-from pipeline.evaluation.eval_dir import (RESULTS_FILE, EvalError, absolute, claim, closing_lines, eval_location,
-                                          finished_summary, model_name, write_outputs)
+from pipeline.evaluation.eval_dir import (
+    EvalError,
+    absolute,
+    claim,
+    closing_lines,
+    eval_location,
+    finished_summary,
+    model_name,
+    write_outputs,
+)
 from pipeline.evaluation.winrate import by_category, length_controlled_win_rate, preference, win_rate
 from pipeline.llm.carried import carried_replies
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
@@ -69,7 +77,7 @@ def winrate(config: RunConfig, model: str, eval_file: Optional[str] = None, out:
     under RUN_DIR/eval/ and the model in the results, with `round_index` its round (both from the model when no
     name is given, see model_name). A finished evaluation of the same inputs is not run again; an interrupted
     one continues with the rows not yet written."""
-    from pipeline.scoring import config_hash      # scoring's imports are only needed once a model is evaluated
+    from pipeline.scoring import config_hash  # scoring's imports are only needed once a model is evaluated
 
     eval_file = eval_file or config.eval.held_out_path
     if not eval_file:
