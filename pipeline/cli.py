@@ -14,28 +14,20 @@ from typing import Optional
 
 from pipeline import classification, console, store
 from pipeline.config import ConfigError, PoolConfig, RunConfig, bundled_config_path, load_config, show
-from pipeline.evaluation.eval_dir import EvalError, model_name
-from pipeline.llm.client import ChatClient, ChatRequest, EndpointError, RequestFailed
+from pipeline.errors import UserError
+from pipeline.evaluation.eval_dir import model_name
+from pipeline.llm.client import ChatClient, ChatRequest
 from pipeline.llm.endpoint import open_endpoint
-from pipeline.llm.limits import BudgetExceeded
-from pipeline.llm.local_server import TeacherServerError
-from pipeline.llm.secret import MissingSecretError
 from pipeline.llm.shared_limits import local_limits
 from pipeline.llm.spend import spend_record
-from pipeline.models import ModelError, bundled_encoder_dir, prepare_bundled_student
-from pipeline.planning import PlanError
-from pipeline.pool import PoolImportError, ensure_pool, import_pool, read_pool
-from pipeline.report import ReportError
-from pipeline.resume import ResumeRefused
-from pipeline.submission import SubmitError
-from training import CheckpointMismatch, TrainingDataError
+from pipeline.models import bundled_encoder_dir, prepare_bundled_student
+from pipeline.pool import ensure_pool, import_pool, read_pool
 
 log = logging.getLogger("tapir")
 
-# Errors a user can act on: printed as one message, exit status 2, no traceback.
-_USER_ERRORS = (ConfigError, ModelError, PoolImportError, TeacherServerError, EndpointError, MissingSecretError,
-                RequestFailed, BudgetExceeded, TrainingDataError, CheckpointMismatch, ReportError, EvalError,
-                SubmitError, PlanError, ResumeRefused, FileNotFoundError)
+# Errors a user can act on (pipeline/errors.py, and a file named on the command line that is not there): printed
+# as one message, exit status 2, no traceback; any other exception is a bug and keeps its traceback.
+_USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def _positive_int(text: str) -> int:

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import UserError
+
 BUNDLED_STUDENT = "bundled:smollm2-135m-instruct"
 BUNDLED_ENCODER = "bundled:all-minilm-l6-v2"
 
@@ -428,7 +430,7 @@ class RunConfig(Section):
         return self.judge or self.teacher
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Every problem of one config file, each with its field path (and line, where known)."""
 
     def __init__(self, path: str, problems: list[str]):

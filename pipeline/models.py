@@ -29,6 +29,7 @@ from filelock import FileLock
 
 from pipeline import store
 from pipeline.config import BUNDLED_ENCODER, BUNDLED_STUDENT
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ _VERIFY_PROMPT = "Name three primary colors."
 _COPY_CHUNK_BYTES = 64 << 20
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model that cannot be found or prepared; the message says what to install or fix."""
 
 

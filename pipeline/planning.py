@@ -15,6 +15,7 @@ from pipeline.classification import round_location
 from pipeline.config import RunConfig
 from pipeline.curriculum import plan_round, total_variation
 from pipeline.difficulty import difficulty_location, distribution, measure, read_verdicts
+from pipeline.errors import UserError
 from pipeline.scoring import score_location
 from training.sft_data import training_set_location
 
@@ -26,7 +27,7 @@ _PLAN_FILE = "plan.parquet"
 _SCORED_COLUMNS = ["id", "instruction", "input", "task"]
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A round that cannot be planned (no row scored ok); the message says why and what to do."""
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from pipeline import store
 from pipeline.config import PoolConfig, RunConfig
+from pipeline.errors import UserError
 from pipeline.schema import POOL_COLUMNS, POOL_SCHEMA, RowProblem, check_record
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ _RAW_KEPT_CHARS = 100_000   # a quarantined row keeps this much of its raw text,
 _ARROW_BATCH_ROWS = 10_000
 
 
-class PoolImportError(ValueError):
+class PoolImportError(UserError, ValueError):
     """A source that cannot be imported at all; the message names the file (and line)."""
 
 

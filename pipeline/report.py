@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import store
+from pipeline.errors import UserError
 from pipeline.evaluation.eval_dir import CATEGORIES_FILE, EVAL_DIR
 from pipeline.planning import PLAN, TRAIN
 from pipeline.round_summary import format_round_summary
@@ -48,7 +49,7 @@ _HISTOGRAM_CAPTIONS = {
 _METRICS_FILE = "metrics.jsonl"
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A run directory that cannot be reported on; the message names the file and what is wrong."""
 
 

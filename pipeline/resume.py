@@ -12,6 +12,7 @@ import logging
 from typing import Any, Iterable
 
 from pipeline.config import RunConfig, redacted
+from pipeline.errors import UserError
 
 # Settings that shape no stage's output: what a run may spend, how many rounds it has, and where and how fast the
 # work runs (run_dir too: the state was found in it, however it is spelled now). A prefix covers what is under it.
@@ -41,7 +42,7 @@ _SHAPES = {
 log = logging.getLogger(__name__)
 
 
-class ResumeRefused(ValueError):
+class ResumeRefused(UserError, ValueError):
     """A run resumed with a config that changes what its finished stages produced."""
 
 

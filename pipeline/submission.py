@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 from pipeline.config import RunConfig, redact_url
+from pipeline.errors import UserError
 
 AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
 # This package, uploaded with the job (py_modules): the nodes need its dependencies installed, not the package.
@@ -27,7 +28,7 @@ UPLOAD_EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".py
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class SubmitError(Exception):
+class SubmitError(UserError):
     """A job that cannot be submitted or followed, with what to do about it."""
 
 

@@ -99,3 +99,25 @@ def test_the_cli_starts_without_importing_any_heavy_library():
                              f"print(sorted(m for m in {heavy!r} if m in sys.modules))"],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+def test_a_users_error_is_one_line_with_status_2_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """Every error class the pipeline raises for its user shares one base, which the CLI catches; nothing else."""
+    from pipeline import cli
+    from pipeline.errors import UserError
+    from pipeline.planning import PlanError
+    from training import TrainingDataError
+
+    assert issubclass(TrainingDataError, ValueError) and issubclass(PlanError, UserError)
+
+    def failing(error):
+        def run(args):
+            raise error
+        monkeypatch.setattr(cli, "cmd_report", run)
+
+    failing(PlanError("runs/x/round_0/score: no row scored ok"))
+    assert cli.main(["report", "runs/x"]) == 2
+    assert capsys.readouterr().err.strip() == "tapir: error: runs/x/round_0/score: no row scored ok"
+    failing(KeyError("a bug"))
+    with pytest.raises(KeyError):
+        cli.main(["report", "runs/x"])

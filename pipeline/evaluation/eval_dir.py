@@ -14,6 +14,7 @@ import pyarrow as pa
 from pipeline import store
 from pipeline.classification import run_dir
 from pipeline.config import RunConfig
+from pipeline.errors import UserError
 from pipeline.jobs import finish
 
 EVAL_DIR = "eval"
@@ -23,7 +24,7 @@ CATEGORIES_FILE = "categories.parquet"
 _INPUTS_FILE = "_inputs.json"
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """An evaluation that cannot start as asked; the message says what to change."""
 
 

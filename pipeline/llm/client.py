@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Optional, TypeVar, Union
 import aiohttp
 
 from pipeline.config import EndpointConfig
+from pipeline.errors import UserError
 from pipeline.llm.limits import BudgetExceeded, EndpointDown, Outcome, PausedTooLong
 from pipeline.llm.secret import Secret
 from pipeline.llm.shared_limits import Limits, endpoint_key
@@ -49,7 +50,7 @@ _BACKOFF_CAP_S = 30.0
 _CHARS_PER_TOKEN = 3     # a prompt-size estimate that errs high for English, so the token lease is not short
 
 
-class EndpointError(RuntimeError):
+class EndpointError(UserError, RuntimeError):
     """The endpoint is unusable as configured (wrong URL, key or model): no request can succeed."""
 
     def __init__(self, message: str, status: Optional[int] = None):
@@ -57,7 +58,7 @@ class EndpointError(RuntimeError):
         self.status = status
 
 
-class RequestFailed(RuntimeError):
+class RequestFailed(UserError, RuntimeError):
     """One request that did not succeed; `reason` is a short code for counting, the message is for people."""
 
     def __init__(self, reason: str, detail: str, attempts: int, status: Optional[int] = None):

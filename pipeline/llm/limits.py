@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Optional
 
 from pipeline.config import EndpointConfig, PriceConfig
+from pipeline.errors import UserError
 
 WINDOW_S = 61.0          # the server's minute, plus a second for a request to reach it
 BOOK_AHEAD_S = 1.0       # a request is booked at most this long before it may start
@@ -56,7 +57,7 @@ RECORD_AHEAD_MIN_USD = 0.01     # and without a cap at least this
 Outcome = Literal["ok", "estimated", "unknown", "rate_limited", "failed", "unreached"]
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(UserError, RuntimeError):
     """Sending the next request could take the run's API cost past max_cost_usd."""
 
 

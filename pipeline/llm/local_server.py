@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.config import LocalServerConfig, VllmEngineConfig
+from pipeline.errors import UserError
 from pipeline.llm.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def _stop_when_parent_dies() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class TeacherServerError(RuntimeError):
+class TeacherServerError(UserError, RuntimeError):
     """The local teacher could not start, or stopped; the message carries the server's last log lines."""
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from pipeline.errors import UserError
+
 
 class Secret:
     __slots__ = ("_value",)
@@ -23,7 +25,7 @@ class Secret:
         raise TypeError("a Secret is not serialisable; pass the environment variable name and read it there")
 
 
-class MissingSecretError(RuntimeError):
+class MissingSecretError(UserError, RuntimeError):
     """The environment variable that should hold an API key is unset or empty."""
 
 
