@@ -22,17 +22,26 @@ RUN_PLOTS = 5           # MFD, task mix, hard share, loss, tokens/cost/time
 EVAL_PLOTS = 2          # win rate, per-category scores
 
 
+CLASSIFIER = {"labels": "bundled:sample", "train_rows": 305, "held_out_rows": 34, "accuracy": 0.62, "macro_f1": 0.51}
+CALIBRATION = {"pairs": 6, "judged": 6, "discrimination": 0.5, "bar": 0.75, "trusted": False, "failed": {},
+               "warning": "the judge cannot be trusted to tell a good answer from a bad one: it preferred the intact "
+                          "answer in 50% of 6 known-quality pairs (0.5 is chance), under the bar of 75%",
+               "by_damage": {d: {"discrimination": 0.5, "intact_wins": 0, "ties": 2, "judged": 2}
+                             for d in ("first_third", "other_answer", "refusal")}}
+
+
 def _stage_summaries(r: int) -> dict[str, dict]:
     """The stage summaries `tapir run` keeps in state.json, cut to what the report and round summary read."""
-    mfd = [-3.0, -1.5, -0.5, 0.0, 0.5, 1.5, 2.5, 4.0 - r]
+    ifd = [0.15, 0.35, 0.55, 0.65, 0.75, 0.85, 0.95, 1.0 - 0.1 * r]     # configs/local.yaml measures IFD
     tokens = {"prompt": 100 + r, "completion": 50}
     return {
         "score": {"rows_in": 8, "rows_ok": 8, "failed": {}, "cost_usd": {"total": 0.02}, "wall_s": 50.0,
                   "judge_requests_per_row": 2.0,
-                  "tokens": {"student_completion": 300, "teacher": tokens, "judge": tokens}},
+                  "tokens": {"student_completion": 300, "teacher": tokens, "judge": tokens},
+                  **({"classifier": CLASSIFIER, "judge_calibration": CALIBRATION} if r == 0 else {})},
         "plan": {"complete": True, "rows_planned": 6, "distinct_rows": 5, "hard_share_target": 0.5 + 0.25 * r,
                  "hard_share_planned": 0.5 + 0.25 * r, "hard_rows_available": 4,
-                 "difficulty": distribution(mfd, "mfd"),
+                 "difficulty": distribution(ifd, "ifd"),
                  "task_mix_scored": {"History": 5, "Math": 2, "Sport": 1},
                  "task_mix_planned": {"Math": 3, "History": 2, "Sport": 1},
                  "task_tv_scored": 0.9, "task_tv_planned": 0.7,
@@ -110,6 +119,10 @@ def test_a_finished_run_gets_a_page_and_markdown_with_every_plot(tmp_path):
         assert "status: finished" in text and "rounds finished: 2 of 2" in text and "spent: $0.0540" in text
         assert "== round 0 ==" in text and "== round 1 ==" in text
         assert "pool 8 → scored 8 → planned 6" in text       # format_round_summary's lines
+        # what the task labels and the judge are worth, and the difficulty's distribution
+        assert "judge calibration: discrimination 0.50 over 6 of 6" in text and "WARNING: the judge cannot" in text
+        assert "labelled by bundled:sample; on 34 held-out rows accuracy 0.62, macro-F1 0.51" in text
+        assert "IFD over 8 rows" in text and "hard share (IFD in the top 50% of the round): target 0.50" in text
         assert text.count("warning: hard share planned 0.500, target 0.750: only 1 row scored hard") == 1
         assert NO_EVALUATION in text
     assert "tapir eval compare CONFIG" in markdown

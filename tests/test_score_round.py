@@ -5,7 +5,6 @@ must come out exactly once, and paid calls whose answers were written must not b
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -124,7 +123,10 @@ def judge_requests(calls: Counter) -> int:
     return sum(n for key, n in calls.items() if JUDGE_PROMPT_START in key)
 
 
-def test_ifd_scoring_pays_no_judge_and_hybrid_pays_it_only_for_the_band(tmp_path, shared_data, prepared_student):
+def test_hybrid_scoring_pays_the_judge_only_for_the_band_and_its_ifd_job_neither_generates_nor_judges(
+        tmp_path, shared_data, prepared_student):
+    """One hybrid run: its first job is exactly what `ifd` runs (the answer-loss stage on the reference answers),
+    its second the student and the judge over the band."""
     from pipeline.config import load_config
     from pipeline.difficulty import band_ids
 
@@ -133,43 +135,38 @@ def test_ifd_scoring_pays_no_judge_and_hybrid_pays_it_only_for_the_band(tmp_path
     pool.write_text("\n".join((shared_data / "alpaca_dev_4000.jsonl").read_text().splitlines()[:rows]) + "\n")
     api = EmulatedAPI()
     with api.serving_in_thread():
-        env = {**os.environ, KEY_ENV: api.api_key}
-        outputs = {}
-        for mode, extra in (("ifd", {}), ("hybrid", {"hybrid_band": 0.25})):
-            path = write_config(tmp_path / mode, pool, api, prepared_student.parent.parent, rows)
-            config = yaml.safe_load(path.read_text())
-            config["curriculum"] = {"difficulty": mode, "keep_reference_outputs": True, **extra}
-            path.write_text(yaml.safe_dump(config))
-            if mode == "hybrid":      # the classifier the first run trained: not labelled and trained again
-                shutil.copytree(tmp_path / "ifd" / "run" / "classifier", tmp_path / mode / "run" / "classifier")
-            before = Counter(api.stats.answered_prompts)
-            done = subprocess.run([TAPIR, "score", str(path)], capture_output=True, text=True, cwd=REPO, env=env,
-                                  timeout=600)
-            assert done.returncode == 0, done.stderr[-3000:]
-            outputs[mode] = (load_config(path), done.stdout, Counter(api.stats.answered_prompts) - before)
+        path = write_config(tmp_path, pool, api, prepared_student.parent.parent, rows)
+        config = yaml.safe_load(path.read_text())
+        config["curriculum"] = {"difficulty": "hybrid", "hybrid_band": 0.25, "keep_reference_outputs": True}
+        path.write_text(yaml.safe_dump(config))
+        labelling = Counter(api.stats.answered_prompts)
+        done = subprocess.run([TAPIR, "score", str(path)], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, KEY_ENV: api.api_key}, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        calls = Counter(api.stats.answered_prompts) - labelling
+    config = load_config(path)
+    run = tmp_path / "run" / "round_0"
 
-    config, stdout, calls = outputs["ifd"]
-    run = tmp_path / "ifd" / "run" / "round_0"
     scored = pads.dataset(run / "score", format="parquet").to_table()
-    assert judge_requests(calls) == 0 and "student_response" not in scored.column_names     # no judge, no generation
+    assert "student_response" not in scored.column_names and "mfd" not in scored.column_names
     assert set(scored.column("answer_status").to_pylist()) == {"ok"} and scored.column("ifd").null_count == 0
     verdicts = pads.dataset(run / "difficulty", format="parquet").to_table().to_pylist()
     valid = [v for v in verdicts if v["status"] == "ok"]
     misaligned = [v for v in verdicts if v["status"] == "ifd_misaligned"]
     assert len(valid) + len(misaligned) == rows and all(v["difficulty_score"] > 1 for v in misaligned)
-    assert sum(v["hard"] for v in valid) == round(0.5 * len(valid))                     # ifd_hard_share 0.5
-    manifest = json.loads((run / "score" / "_manifest.json").read_text())
-    assert manifest["judge_requests_per_row"] == 0 and manifest["difficulty"]["measure"] == "ifd"
-    assert manifest["failed"] == ({"ifd_misaligned": len(misaligned)} if misaligned else {})
-    assert "difficulty by ifd: hard" in stdout
 
-    config, stdout, calls = outputs["hybrid"]
-    run = tmp_path / "hybrid" / "run" / "round_0"
-    band = band_ids(config, pads.dataset(run / "score", format="parquet").to_table())
+    band = band_ids(config, scored)
     judged = pads.dataset(run / "judge_band", format="parquet").to_table()
     assert sorted(judged.column("id").to_pylist()) == band and len(band) == round(0.25 * len(valid) / 2) * 2
     assert judge_requests(calls) == 2 * len(band)                  # both orders, for the band's rows only
     assert all(judged.column("student_response").to_pylist())      # the student answered the band's rows only
+    # outside the band, the top half of the valid rows by IFD is hard (ifd_hard_share 0.5)
+    by_ifd = sorted((v["difficulty_score"], v["id"]) for v in valid)
+    boundary = len(valid) - round(0.5 * len(valid))
+    assert all(v["hard"] == (by_ifd.index((v["difficulty_score"], v["id"])) >= boundary) for v in valid
+               if v["id"] not in band)
     manifest = json.loads((run / "score" / "_manifest.json").read_text())
     assert manifest["judge_requests_per_row"] == round(2 * len(band) / rows, 3) <= 0.6
-    assert manifest["decided_by_judge"] == len(band) and manifest["complete"]
+    assert manifest["decided_by_judge"] == sum(v["difficulty_source"] == "judge" for v in valid) <= len(band)
+    assert manifest["difficulty"]["measure"] == "ifd" and manifest["complete"]
+    assert "difficulty by hybrid: hard" in done.stdout
