@@ -116,7 +116,8 @@ def judged_rows(config: RunConfig, round_index: int, generated: Optional[pa.Tabl
               else rejection(row["instruction"], row["expand_finish_reason"], config.expansion.min_words) or "ok"
               for row in rows]
     candidates = [i for i, s in enumerate(status) if s == "ok"]
-    duplicates = near_duplicates([rows[i]["instruction"] for i in candidates], _reference_texts(config, round_index),
+    pool_texts = (texts for _, texts in pool_requests(config, round_index))
+    duplicates = near_duplicates([rows[i]["instruction"] for i in candidates], pool_texts,
                                  threshold=config.expansion.rouge_l_threshold) if candidates else []
     duplicate_of = [None] * len(rows)
     for i, found in zip(candidates, duplicates):
@@ -131,17 +132,17 @@ def judged_rows(config: RunConfig, round_index: int, generated: Optional[pa.Tabl
             .append_column("duplicate_of", pa.array(duplicate_of, pa.string())))
 
 
-def _reference_texts(config: RunConfig, round_index: int) -> Iterator[list[str]]:
-    """The pool's requests, then the new rows kept in earlier rounds, in batches."""
+def pool_requests(config: RunConfig, rounds: int) -> Iterator[tuple[list[str], list[str]]]:
+    """(ids, request texts) of the pool, then of the new rows kept in rounds before `rounds`, in batches."""
     pool_dir, _ = ensure_pool(config)
     pool = pads.dataset(pool_dir.list_files(".parquet"), filesystem=pool_dir.fs, format="parquet")
-    for batch in pool.to_batches(columns=["instruction", "input"], batch_size=_REFERENCE_BATCH_ROWS):
-        yield [request_text(i, x or "") for i, x in zip(batch.column("instruction").to_pylist(),
-                                                        batch.column("input").to_pylist())]
-    for earlier in range(round_index):
+    for batch in pool.to_batches(columns=["id", "instruction", "input"], batch_size=_REFERENCE_BATCH_ROWS):
+        yield batch.column("id").to_pylist(), [request_text(i, x or "") for i, x in zip(
+            batch.column("instruction").to_pylist(), batch.column("input").to_pylist())]
+    for earlier in range(rounds):
         kept = read_new_rows(config, earlier)
         if kept is not None and kept.num_rows:
-            yield kept.column("instruction").to_pylist()
+            yield kept.column("id").to_pylist(), kept.column("instruction").to_pylist()
 
 
 def read_new_rows(config: RunConfig, round_index: int) -> Optional[pa.Table]:

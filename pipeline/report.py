@@ -34,6 +34,11 @@ COMPARE_FILE = "compare.parquet"
 # pipeline/evaluation/winrate.py computes them, standard_error in the same unit; round is null for a model that
 # is no round's student (the baseline, the student the run started from).
 COMPARE_COLUMNS = ("model", "round", "win_rate", "standard_error", "lc_win_rate")
+# the reference loss (mean nats per token of the held-out reference answers under the model) and its paired
+# difference to the baseline, each with its standard error; plotted when the file has them (an evaluation
+# from before they existed has not)
+LOSS_COLUMNS = ("reference_loss", "reference_loss_standard_error", "loss_difference_to_baseline",
+                "loss_difference_standard_error")
 CATEGORY_COLUMNS = ("model", "category", "score")
 NO_EVALUATION = ("No evaluation was run: `tapir eval compare CONFIG` writes eval/compare.parquet and "
                  "eval/categories.parquet, which this report then plots.")
@@ -140,7 +145,9 @@ def _step_losses(lines: list[str], uri: str) -> list[tuple[int, float]]:
     return sorted(losses.items())
 
 
-def _read_parquet(location: store.Location, name: str, columns: tuple[str, ...]) -> Optional[list[dict]]:
+def _read_parquet(location: store.Location, name: str, columns: tuple[str, ...],
+                  optional: tuple[str, ...] = ()) -> Optional[list[dict]]:
+    """The file's `columns`, and those of `optional` it has; None when there is no file."""
     file = location.child(name)
     table = store.read_parquet_file(location, name)
     if table is None:
@@ -150,11 +157,11 @@ def _read_parquet(location: store.Location, name: str, columns: tuple[str, ...])
         raise ReportError(f"{file.uri}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
     if table.num_rows == 0:
         raise ReportError(f"{file.uri}: has no rows")
-    return table.select(list(columns)).to_pylist()
+    return table.select(list(columns) + [c for c in optional if c in table.column_names]).to_pylist()
 
 
 def read_evaluation(location: store.Location) -> Evaluation:
-    models = _read_parquet(location, COMPARE_FILE, COMPARE_COLUMNS)
+    models = _read_parquet(location, COMPARE_FILE, COMPARE_COLUMNS, LOSS_COLUMNS)
     if models:
         outside = [m["model"] for m in models if m["win_rate"] is None or not 0.0 <= m["win_rate"] <= 1.0
                    or not (m["lc_win_rate"] is None or 0.0 <= m["lc_win_rate"] <= 1.0)]
@@ -233,6 +240,12 @@ def make_plots(rounds: list[RoundFiles], evaluation: Evaluation, out: Path) -> l
             f"From {EVAL_DIR}/{COMPARE_FILE} (`tapir eval compare`): every model judged against the same "
             "references on the same held-out rows, win rate ± standard error and length-controlled; the dashed "
             "line is the plain-distillation baseline's."))
+    if evaluation.models and any(m.get("reference_loss") is not None for m in evaluation.models):
+        figures.append(Figure("Reference loss: each round against the baseline", plots.reference_losses(
+            evaluation.models, out / "reference_loss.png"),
+            f"From {EVAL_DIR}/{COMPARE_FILE}: each model's mean loss per token on the same held-out reference "
+            "answers (lower: closer to them) ± standard error, and its difference to the baseline paired by row "
+            "± the paired standard error; no judge in it, so it sees what the win rate's ties hide."))
     if evaluation.categories:
         figures.append(Figure("Scores per category", plots.category_scores(evaluation.categories,
                                                                            out / "category_scores.png"),

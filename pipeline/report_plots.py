@@ -181,6 +181,39 @@ def win_rates(models: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def reference_losses(models: list[dict], path: Path) -> Path:
+    """Left: each model's mean reference loss (nats per token of the held-out reference answers) ± standard
+    error, the baseline's as a dashed line. Right: each model's paired difference to the baseline ± its
+    standard error, below zero where the model is closer to the references. `models`: rows of
+    eval/compare.parquet in display order; a model without a loss is left out."""
+    scored = [m for m in models if m.get("reference_loss") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.2 * len(scored) + 3), 4.2))
+    xs = range(len(scored))
+    colors = ["tab:gray" if m["round"] is None else "tab:blue" for m in scored]
+    axes[0].bar(xs, [m["reference_loss"] for m in scored], 0.6, capsize=4, color=colors,
+                yerr=[m["reference_loss_standard_error"] or 0.0 for m in scored],
+                label="mean loss ± standard error (gray: not a round's student)")
+    baseline = next((m for m in scored if m["model"] == "baseline"), None)
+    if baseline is not None:
+        axes[0].axhline(baseline["reference_loss"], color="tab:red", linestyle="--", linewidth=1,
+                        label="plain-distillation baseline")
+    axes[0].set_ylabel("nats per token of the references")
+    axes[0].set_title("Reference loss per model")
+    axes[0].legend(fontsize=8, loc="lower left")
+    paired = [m for m in scored if m.get("loss_difference_to_baseline") is not None]
+    axes[1].bar(range(len(paired)), [m["loss_difference_to_baseline"] for m in paired], 0.6, capsize=4,
+                yerr=[m["loss_difference_standard_error"] or 0.0 for m in paired],
+                color=["tab:gray" if m["round"] is None else "tab:blue" for m in paired])
+    axes[1].axhline(0.0, color="tab:red", linestyle="--", linewidth=1)
+    axes[1].set_xticks(list(range(len(paired))), [m["model"] for m in paired])
+    axes[1].set_ylabel("nats per token, model − baseline")
+    axes[1].set_title("Paired difference to the baseline (below 0: closer)")
+    axes[0].set_xticks(list(xs), [m["model"] for m in scored])
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
 def category_scores(scores: dict[str, dict[str, float]], path: Path) -> Path:
     """Score per category, one bar per model. `scores[model][category]`, models in display order."""
     categories = sorted({category for per_model in scores.values() for category in per_model})

@@ -86,17 +86,30 @@ def test_the_comparison_reads_as_points_with_each_model_against_the_baseline():
     table = pa.Table.from_pylist([
         {"model": "base_student", "round": None, "win_rate": 0.2, "standard_error": 0.05, "lc_win_rate": 0.25,
          "lc_standard_error": 0.06, "rows_judged": 40, "difference_to_baseline": -0.1,
-         "difference_standard_error": 0.04, "rows_paired": 40, "trained_rows": 0, "model_path": "/m/base"},
+         "difference_standard_error": 0.04, "rows_paired": 40, "trained_rows": 0, "model_path": "/m/base",
+         "reference_loss": 1.4321, "reference_loss_standard_error": 0.0412, "reference_loss_rows": 40,
+         "loss_difference_to_baseline": 0.0123, "loss_difference_standard_error": 0.0006, "loss_rows_paired": 40,
+         "rows_overlapping_pool": 3},
         {"model": "baseline", "round": None, "win_rate": 0.3, "standard_error": 0.05, "lc_win_rate": None,
          "lc_standard_error": None, "rows_judged": 40, "difference_to_baseline": None,
-         "difference_standard_error": None, "rows_paired": None, "trained_rows": 96, "model_path": "/m/b"},
+         "difference_standard_error": None, "rows_paired": None, "trained_rows": 96, "model_path": "/m/b",
+         "reference_loss": 1.42, "reference_loss_standard_error": 0.04, "reference_loss_rows": 40,
+         "rows_overlapping_pool": 3},
         {"model": "round_1", "round": 1, "win_rate": 0.375, "standard_error": 0.06, "lc_win_rate": 0.4,
          "lc_standard_error": 0.07, "rows_judged": 39, "difference_to_baseline": 0.075,
-         "difference_standard_error": 0.03, "rows_paired": 39, "trained_rows": 96, "model_path": "/m/r1"},
+         "difference_standard_error": 0.03, "rows_paired": 39, "trained_rows": 96, "model_path": "/m/r1",
+         "reference_loss": 1.38, "reference_loss_standard_error": 0.04, "reference_loss_rows": 38,
+         "loss_difference_to_baseline": -0.04, "loss_difference_standard_error": 0.0007, "loss_rows_paired": 38,
+         "rows_overlapping_pool": 3},
     ], schema=COMPARE_SCHEMA)
     text = format_compare(table)
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["model", "trained", "rows"]
     assert lines[2].split()[:2] == ["base_student", "0"] and "-10.0 ± 4.0" in lines[2]
     assert "30.0 ± 5.0" in lines[3] and "n/a" in lines[3]
-    assert "37.5 ± 6.0" in lines[4] and "+7.5 ± 3.0" in lines[4] and lines[4].split()[-1] == "39"
+    assert "37.5 ± 6.0" in lines[4] and "+7.5 ± 3.0" in lines[4] and lines[4].split()[-8] == "39"
+    # the reference loss in nats per token, each model against the baseline paired by row
+    assert "1.4321 ± 0.0412" in lines[2] and "+0.0123 ± 0.0006" in lines[2]
+    assert "1.4200 ± 0.0400" in lines[3] and lines[3].split()[-2:] == ["n/a", "40"]
+    assert "-0.0400 ± 0.0007" in lines[4] and lines[4].split()[-1] == "38"
+    assert "held-out rows overlapping the pool, dropped before evaluation: 3" in text

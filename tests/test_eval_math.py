@@ -8,6 +8,7 @@ from pipeline.evaluation.winrate import (
     WinRate,
     by_category,
     length_controlled_win_rate,
+    mean_and_error,
     paired_difference,
     preference,
     win_rate,
@@ -122,3 +123,24 @@ def test_pairing_by_row_takes_the_rows_own_difficulty_out_of_the_error():
     unpaired = math.hypot(win_rate(better).standard_error, win_rate(baseline).standard_error)
     assert paired.difference == pytest.approx(better.mean() - baseline.mean())
     assert paired.standard_error < unpaired / 2
+
+
+def test_the_paired_loss_difference_sees_a_shift_far_smaller_than_the_rows_spread():
+    # reference losses spread over rows (some answers are hard for every model); the model is 0.01 nats lower on
+    # each row, up to a little noise: paired, the shift stands out; the two means' errors alone would hide it
+    rng = np.random.default_rng(7)
+    baseline = 1.5 + 0.5 * rng.standard_normal(200)
+    model = baseline - 0.01 + 0.002 * rng.standard_normal(200)
+    ids = [f"r{i}" for i in range(200)]
+    paired = paired_difference(dict(zip(ids, model)), dict(zip(ids, baseline)))
+    differences = model - baseline
+    assert paired.n == 200 and paired.difference == pytest.approx(differences.mean())
+    assert paired.standard_error == pytest.approx(differences.std(ddof=1) / math.sqrt(200))
+    assert abs(paired.difference + 0.01) < 3 * paired.standard_error and paired.standard_error < 0.0005
+    unpaired = math.hypot(*(mean_and_error(values)[1] for values in (model, baseline)))
+    assert unpaired > 0.04 and abs(paired.difference) < unpaired
+
+
+def test_a_mean_of_one_value_has_no_error():
+    assert mean_and_error([1.25]) == (1.25, 0.0)
+    assert mean_and_error([1.0, 2.0, 3.0]) == (2.0, pytest.approx(1.0 / math.sqrt(3)))

@@ -6,6 +6,7 @@ import secrets
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,6 +20,8 @@ from pipeline.evaluation.winrate_run import (
     categories_table,
     evaluated_rows,
     format_summary,
+    overlap_summary,
+    overlapping_rows,
     results_table,
     summarise,
     summary_table,
@@ -39,17 +42,22 @@ def _rows(tasks):
                      "input": [""] * len(tasks), "task": pa.array(tasks, pa.string())})
 
 
-def _judged(ids, scores, sources=None):
-    """Rows as the judge stage writes them: (model score, reference score) per id; None fails the row."""
+def _judged(ids, scores, sources=None, losses=None):
+    """Rows as the judge stage writes them: (model score, reference score) per id, None fails the row; with
+    the reference loss of each (1.0 + k / 10 unless given; None: the file has no reference answer)."""
     sources = sources or ["reference"] * len(ids)
+    losses = losses or [1.0 + k / 10 for k in range(len(ids))]
     rows = []
-    for k, (i, s, source) in enumerate(zip(ids, scores, sources)):
+    for k, (i, s, source, loss) in enumerate(zip(ids, scores, sources, losses)):
         asked = source == "teacher"
         rows.append({"id": i, "student_response": "m" * (10 + k), "teacher_response": "r" * 20,
                      "teacher_source": source, "student_score": s and s[0], "teacher_score": s and s[1],
                      "student_tokens": 3, "teacher_prompt_tokens": 100 * asked, "teacher_completion_tokens": 50 * asked,
                      "judge_prompt_tokens": 400, "judge_completion_tokens": 20,
-                     "status": "ok" if s else "judge_unparseable", "error": None if s else "no pair of scores found"})
+                     "status": "ok" if s else "judge_unparseable", "error": None if s else "no pair of scores found",
+                     "answer_loss": loss, "answer_tokens": 7 if loss else 0,
+                     "answer_status": "ok" if loss else "no_answer",
+                     "answer_error": None if loss else "column 'output' is empty"})
     return pa.Table.from_pylist(rows)
 
 
@@ -79,8 +87,10 @@ def test_the_summary_is_the_win_rate_math_over_the_judged_rows_only():
     assert (summary["wins"], summary["ties"], summary["losses"]) == (2, 1, 2)
     lengths = [10 + k for k, s in enumerate(scores) if s is not None]
     assert summary["lc_win_rate"] == length_controlled_win_rate(prefs, lengths, [20] * 5).rate
-    assert summary["categories"] == {name: {"win_rate": r.rate, "standard_error": r.standard_error, "n": r.n}
-                                     for name, r in by_category(prefs, [t for _, t in judged]).items()}
+    assert {name: {key: value[key] for key in ("win_rate", "standard_error", "n")}
+            for name, value in summary["categories"].items()} == {
+        name: {"win_rate": r.rate, "standard_error": r.standard_error, "n": r.n}
+        for name, r in by_category(prefs, [t for _, t in judged]).items()}
     assert set(summary["categories"]) == {"Math", "Writing", "unlabelled"}
     assert (summary["rows"], summary["rows_judged"], summary["rows_failed"]) == (6, 5, 1)
     assert summary["failed"] == {"judge_unparseable": 1} and summary["complete"]
@@ -88,12 +98,55 @@ def test_the_summary_is_the_win_rate_math_over_the_judged_rows_only():
     assert summary["cost_usd"] == pytest.approx((6 * 400 + 6 * 20 * 4) / 1e6)
 
 
+def test_the_reference_loss_is_the_mean_over_the_rows_it_was_computed_for_whatever_the_judge_said():
+    tasks = ["Math", "Math", "Writing", None, "Writing"]
+    losses = [1.0, 1.5, 2.0, None, 3.0]                        # r3: the file has no reference answer for it
+    rows = _rows(tasks + ["Math"])                              # r5: not written yet
+    results = results_table(rows, _judged([f"r{i}" for i in range(5)], [(8, 6), None, (2, 7), (5, 5), (9, 3)],
+                                          losses=losses))
+    assert results.column("reference_loss").to_pylist() == [1.0, 1.5, 2.0, None, 3.0, None]
+    assert results.column("reference_loss_status").to_pylist() == ["ok", "ok", "ok", "no_answer", "ok", None]
+    summary = summarise(results, PRICE, PRICE)
+    assert summary["reference_loss"] == pytest.approx(1.875) and summary["reference_loss_rows"] == 4
+    assert summary["reference_loss_standard_error"] == pytest.approx(np.std([1.0, 1.5, 2.0, 3.0], ddof=1) / 2)
+    assert summary["reference_loss_failed"] == {"no_answer": 1, "not_written": 1}
+    # the judge could not read r1: it counts in Math's loss, not in its win rate
+    math_row = summary["categories"]["Math"]
+    assert (math_row["n"], math_row["reference_loss_n"], math_row["reference_loss"]) == (1, 2, pytest.approx(1.25))
+    assert summary["categories"]["unlabelled"]["reference_loss"] is None
+    assert summary["categories"]["unlabelled"]["reference_loss_n"] == 0
+    table = summary_table({**summary, "model": "m", "round": None, **overlap_summary({})})
+    assert table.to_pylist()[0]["reference_loss"] == pytest.approx(1.875)
+    text = format_summary({**summary, "model": "m", "wall_s": 1.0, **overlap_summary({"x": "same_id"})}, "/out")
+    assert "reference loss 1.8750 ± 0.4270 nats/token (4 rows; without: no_answer 1, not_written 1)" in text
+    assert "1 row(s) of the file overlap the pool and were dropped (same_id 1)" in text
+
+
+def test_held_out_rows_in_the_pool_or_near_duplicates_of_it_are_found_with_their_reason():
+    pool = [(["p0", "p1"], ["Name three primary colors.", "Write a haiku about autumn leaves falling."]),
+            (["p2"], ["Translate 'good morning' into French."])]
+    ids = ["p1", "h1", "h2", "h3", "h4"]
+    requests = ["Write a haiku about autumn leaves falling.",        # the pool's own row (same id)
+                "Translate 'good morning' into French, please.",     # a near-duplicate of p2
+                "Explain how a rainbow forms.",                      # new
+                "Explain how a rainbow forms, briefly.",             # a near-duplicate of h2 only: kept
+                "Name three primary colours of paint used by painters today."]   # shares words, not enough
+    dropped = overlapping_rows(ids, requests, iter(pool), threshold=0.7)
+    assert dropped == {"p1": "same_id", "h1": "near_duplicate"}
+    assert overlap_summary(dropped) == {"overlap_checked": True, "rows_overlapping_pool": 2,
+                                        "overlapping": {"same_id": 1, "near_duplicate": 1}}
+    assert overlap_summary(None) == {"overlap_checked": False, "rows_overlapping_pool": 0, "overlapping": {}}
+
+
 def test_no_judged_row_gives_no_rate_and_an_unwritten_row_makes_it_incomplete():
-    summary = summarise(results_table(_rows(["Math", "Math"]), _judged(["r0"], [None])), PRICE, PRICE)
+    summary = summarise(results_table(_rows(["Math", "Math"]), _judged(["r0"], [None], losses=[None])), PRICE,
+                        PRICE)
     assert summary["win_rate"] is None and summary["lc_win_rate"] is None and summary["categories"] == {}
     assert summary["failed"] == {"judge_unparseable": 1, "not_written": 1} and not summary["complete"]
-    text = format_summary({**summary, "model": "m", "wall_s": 1.0}, "/out")
-    assert "win rate n/a" in text and "INCOMPLETE" in text
+    assert summary["reference_loss"] is None and summary["reference_loss_rows"] == 0
+    text = format_summary({**summary, "model": "m", "wall_s": 1.0, **overlap_summary(None)}, "/out")
+    assert "win rate n/a" in text and "INCOMPLETE" in text and "reference loss n/a" in text
+    assert "overlap with the pool not checked" in text
 
 
 def test_the_summary_row_carries_what_a_comparison_of_models_reads():
@@ -107,10 +160,12 @@ def test_the_summary_row_carries_what_a_comparison_of_models_reads():
     categories = categories_table(summary)
     assert set(CATEGORY_COLUMNS) <= set(categories.column_names)
     assert categories.to_pylist()[0] == {"model": "round_1", "category": "Code", "score": 0.0,
-                                         "standard_error": 0.0, "n": 1}
-    text = format_summary(summary, "/out/")
+                                         "standard_error": 0.0, "n": 1, "reference_loss": pytest.approx(1.1),
+                                         "reference_loss_standard_error": 0.0, "reference_loss_n": 1}
+    text = format_summary({**summary, **overlap_summary({})}, "/out/")
     assert "round_1 vs references: win rate 50.0% ± 50.0%" in text
-    assert "by category: Code 0.0% ± 0.0% (n 1), Math 100.0% ± 0.0% (n 1)" in text
+    assert "by category: Code 0.0% ± 0.0% (n 1), loss 1.1000 ± 0.0000, Math 100.0% ± 0.0% (n 1), loss 1.0000" in text
+    assert "0 row(s) of the file overlap the pool and were dropped" in text
     assert "results in /out/results.parquet" in text
 
 

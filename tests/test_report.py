@@ -133,6 +133,20 @@ def test_the_evaluation_is_plotted_when_its_files_exist(tmp_path):
     _write_evaluation(root)
     page, markdown = _checked_report(root, RUN_PLOTS + EVAL_PLOTS)
     assert "No evaluation was run" not in page and "win_rate.png" in markdown and "category_scores.png" in markdown
+    assert "reference_loss.png" not in markdown            # a compare.parquet from before the reference loss
+
+
+def test_the_reference_loss_is_plotted_beside_the_win_rate_when_compare_parquet_has_it(tmp_path):
+    root = _write_run(tmp_path)
+    _write_evaluation(root)
+    compare = pq.read_table(root / "eval" / "compare.parquet")
+    for name, values in (("reference_loss", [1.21, 1.25, 1.23]), ("reference_loss_standard_error", [0.04] * 3),
+                         ("loss_difference_to_baseline", [-0.04, None, -0.02]),
+                         ("loss_difference_standard_error", [0.0006, None, 0.0007])):
+        compare = compare.append_column(name, pa.array(values, pa.float64()))
+    pq.write_table(compare, root / "eval" / "compare.parquet")
+    page, markdown = _checked_report(root, RUN_PLOTS + EVAL_PLOTS + 1)
+    assert "reference_loss.png" in markdown and "Reference loss: each round against the baseline" in page
 
 
 def test_an_unfinished_round_is_reported_with_the_stages_it_finished(tmp_path):

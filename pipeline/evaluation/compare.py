@@ -7,7 +7,8 @@ the student the run started from: as many training rows as the run's rounds trai
 random from the scored pool (no difficulty, no task resampling, no expansion), answered by the same teacher
 with one plain system prompt for every task (no task-aware style), and trained with the same training
 settings. Each model's difference to the baseline is paired by row, which takes the rows' own difficulty out
-of its standard error.
+of its standard error: in win rate, and in reference loss (the model's mean loss per token on the file's
+reference answers; lower: closer to the references), which a judge that calls most pairs ties cannot hide.
 
 Writes RUN_DIR/eval/compare.parquet (one row per model) and RUN_DIR/eval/categories.parquet, which the run's
 report plots, then the report. Every step is skipped when it finished before, so the same command continues
@@ -27,7 +28,6 @@ from pipeline.config import RunConfig
 from pipeline.curriculum import baseline_copies
 from pipeline.evaluation.eval_dir import CATEGORIES_FILE, EVAL_DIR, RESULTS_FILE, EvalError, eval_location
 from pipeline.evaluation.winrate import paired_difference
-from pipeline.jobs import job_cpus
 from pipeline.llm.endpoint import RunEndpoints
 from pipeline.report import COMPARE_FILE
 from pipeline.rounds import STATE_FILE
@@ -40,7 +40,11 @@ COMPARE_SCHEMA = pa.schema([
     ("model", pa.string()), ("round", pa.int64()), ("win_rate", pa.float64()), ("standard_error", pa.float64()),
     ("lc_win_rate", pa.float64()), ("lc_standard_error", pa.float64()), ("rows_judged", pa.int64()),
     ("difference_to_baseline", pa.float64()), ("difference_standard_error", pa.float64()),
-    ("rows_paired", pa.int64()), ("trained_rows", pa.int64()), ("model_path", pa.string())])
+    ("rows_paired", pa.int64()), ("trained_rows", pa.int64()), ("model_path", pa.string()),
+    ("reference_loss", pa.float64()), ("reference_loss_standard_error", pa.float64()),
+    ("reference_loss_rows", pa.int64()), ("loss_difference_to_baseline", pa.float64()),
+    ("loss_difference_standard_error", pa.float64()), ("loss_rows_paired", pa.int64()),
+    ("rows_overlapping_pool", pa.int64())])
 
 
 def baseline_config(config: RunConfig) -> RunConfig:
@@ -104,7 +108,7 @@ def train_baseline(config: RunConfig, size: int, endpoints: RunEndpoints) -> dic
 def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Optional[int] = None,
             endpoints: Optional[RunEndpoints] = None) -> pa.Table:
     """Trains the baseline if it is not yet, evaluates every model, and writes and returns compare.parquet."""
-    from pipeline.evaluation.winrate_run import winrate
+    from pipeline.evaluation.winrate_run import eval_cpus, winrate
     from pipeline.ray_runtime import init_ray
 
     eval_file = eval_file or config.eval.held_out_path
@@ -119,7 +123,7 @@ def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Option
     with contextlib.ExitStack() as stack:
         endpoints = endpoints or RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack)
         endpoints.teacher(), endpoints.judge()      # before Ray starts: see rounds.run
-        init_ray(config.ray, min_cpus=max(job_cpus(config, endpoint_stages=2), config.training.num_workers + 3))
+        init_ray(config.ray, min_cpus=max(eval_cpus(config), config.training.num_workers + 3))
         baseline_training = train_baseline(config, sum(rounds.values()), endpoints)
         for name, model, round_index, _ in models:
             summaries[name] = winrate(config, model, eval_file, num_rows=num_rows, name=name,
@@ -127,18 +131,27 @@ def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Option
             if not summaries[name]["complete"]:
                 raise EvalError(f"{name}: its evaluation stopped before every row was written; run the same "
                                 "command again to continue it")
-    preferences = {name: judged_preferences(eval_location(config, name)) for name in summaries}
+    preferences, losses = {}, {}
+    for name in summaries:
+        preferences[name], losses[name] = per_row_results(eval_location(config, name))
     rows = []
     for name, _, round_index, trained in models:
         summary = summaries[name]
         paired = paired_difference(preferences[name], preferences[BASELINE]) if name != BASELINE else None
+        loss_paired = paired_difference(losses[name], losses[BASELINE]) if name != BASELINE else None
         rows.append({"model": name, "round": round_index, "win_rate": summary["win_rate"],
                      "standard_error": summary["standard_error"], "lc_win_rate": summary["lc_win_rate"],
                      "lc_standard_error": summary["lc_standard_error"], "rows_judged": summary["rows_judged"],
                      "difference_to_baseline": paired.difference if paired else None,
                      "difference_standard_error": paired.standard_error if paired else None,
                      "rows_paired": paired.n if paired else None, "trained_rows": trained,
-                     "model_path": summary["model_path"]})
+                     "model_path": summary["model_path"], "reference_loss": summary["reference_loss"],
+                     "reference_loss_standard_error": summary["reference_loss_standard_error"],
+                     "reference_loss_rows": summary["reference_loss_rows"],
+                     "loss_difference_to_baseline": loss_paired.difference if loss_paired else None,
+                     "loss_difference_standard_error": loss_paired.standard_error if loss_paired else None,
+                     "loss_rows_paired": loss_paired.n if loss_paired else None,
+                     "rows_overlapping_pool": summary["rows_overlapping_pool"]})
     table = pa.Table.from_pylist(rows, schema=COMPARE_SCHEMA)
     out = run_dir(config).child(EVAL_DIR)
     store.write_parquet(out, COMPARE_FILE, table)
@@ -150,11 +163,13 @@ def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Option
     return table
 
 
-def judged_preferences(location: store.Location) -> dict[str, float]:
-    """Row id → the model's preference against the reference, over the rows the judge could read."""
-    results = store.read_parquet_file(location, RESULTS_FILE)
-    return {row["id"]: row["preference"] for row in results.select(["id", "status", "preference"]).to_pylist()
-            if row["status"] == "ok"}
+def per_row_results(location: store.Location) -> tuple[dict[str, float], dict[str, float]]:
+    """Row id → the model's preference against the reference, over the rows the judge could read; and row id →
+    its reference loss, over the rows it was computed for."""
+    results = store.read_parquet_file(location, RESULTS_FILE).select(
+        ["id", "status", "preference", "reference_loss_status", "reference_loss"]).to_pylist()
+    return ({row["id"]: row["preference"] for row in results if row["status"] == "ok"},
+            {row["id"]: row["reference_loss"] for row in results if row["reference_loss_status"] == "ok"})
 
 
 def _percent(value: Optional[float], error: Optional[float], signed: bool = False) -> str:
@@ -163,16 +178,32 @@ def _percent(value: Optional[float], error: Optional[float], signed: bool = Fals
     return f"{100 * value:{'+' if signed else ''}.1f} ± {100 * (error or 0):.1f}"
 
 
+def _loss(value: Optional[float], error: Optional[float], signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:{'+' if signed else ''}.4f} ± {error or 0:.4f}"
+
+
 def format_compare(table: pa.Table) -> str:
-    """The comparison as a table a person reads: win rates in points, and each model against the baseline."""
-    header = f"{'model':<14} {'trained rows':>12} {'win rate':>14} {'LC win rate':>14} {'vs baseline':>14} {'judged':>7}"
+    """The comparison as a table a person reads: win rates in points and reference losses in nats per token,
+    and each model against the baseline in both."""
+    header = (f"{'model':<14} {'trained rows':>12} {'win rate':>14} {'LC win rate':>14} {'vs baseline':>14} "
+              f"{'judged':>7} {'reference loss':>17} {'loss vs baseline':>18} {'scored':>7}")
     lines = [header, "-" * len(header)]
     for row in table.to_pylist():
         lines.append(f"{row['model']:<14} {row['trained_rows']:>12} "
                      f"{_percent(row['win_rate'], row['standard_error']):>14} "
                      f"{_percent(row['lc_win_rate'], row['lc_standard_error']):>14} "
                      f"{_percent(row['difference_to_baseline'], row['difference_standard_error'], True):>14} "
-                     f"{row['rows_judged']:>7}")
+                     f"{row['rows_judged']:>7} "
+                     f"{_loss(row['reference_loss'], row['reference_loss_standard_error']):>17} "
+                     f"{_loss(row['loss_difference_to_baseline'], row['loss_difference_standard_error'], True):>18} "
+                     f"{row['reference_loss_rows']:>7}")
     lines.append("win rates in points against the same references (ties half); vs baseline: the paired "
                  "difference over the rows both were judged on, ± its standard error")
+    lines.append("reference loss: mean nats per token of the file's reference answers under each model (lower: "
+                 "closer to them); loss vs baseline: paired over the rows both were scored on, ± its standard error")
+    overlapping = {row["rows_overlapping_pool"] for row in table.to_pylist()}
+    lines.append(f"held-out rows overlapping the pool, dropped before evaluation: {', '.join(map(str, sorted(overlapping)))}"
+                 " (their ids and reasons: eval/MODEL/heldout/_overlap.json)")
     return "\n".join(lines)

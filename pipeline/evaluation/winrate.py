@@ -53,10 +53,16 @@ def preference(model_score: float, reference_score: float) -> float:
 def win_rate(preferences: Sequence[float]) -> WinRate:
     """The mean preference (ties count half) and its standard error."""
     values = _checked_preferences(preferences)
-    n = len(values)
-    error = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    return WinRate(rate=float(values.mean()), standard_error=error, n=n, wins=int((values > 0.5).sum()),
+    rate, error = mean_and_error(values)
+    return WinRate(rate=rate, standard_error=error, n=len(values), wins=int((values > 0.5).sum()),
                    ties=int((values == 0.5).sum()), losses=int((values < 0.5).sum()))
+
+
+def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of at least one value and its standard error: sample std (n - 1) / sqrt(n), 0 when n < 2."""
+    array = np.asarray(values, dtype=float)
+    n = len(array)
+    return float(array.mean()), float(array.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
 
 
 def by_category(preferences: Sequence[float], categories: Sequence[Optional[str]]) -> dict[str, WinRate]:
@@ -140,19 +146,18 @@ def _sigmoid_array(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PairedDifference:
-    difference: float           # mean over the shared rows of (model's preference - baseline's preference)
+    difference: float           # mean over the shared rows of (model's value - baseline's value)
     standard_error: float       # sample std of the differences (n - 1) / sqrt(n); 0 when n < 2
     n: int                      # rows both were judged on
 
 
 def paired_difference(model: dict[str, float], baseline: dict[str, float]) -> Optional[PairedDifference]:
-    """How much higher a model's win rate is than a baseline's against the same references, over the rows both
-    were judged on (row id → preference). Pairing by row removes the rows' own difficulty from the error, so
-    it is smaller than the two rates' errors combined. None when no row was judged for both."""
+    """How much higher a model's value is than a baseline's on the same rows (row id → value: a preference
+    against the reference, or a loss on it), over the rows both have one for. Pairing by row removes the rows'
+    own difficulty from the error, so it is smaller than the two means' errors combined. None when no row has
+    both."""
     shared = sorted(model.keys() & baseline.keys())
     if not shared:
         return None
-    differences = np.array([model[row] - baseline[row] for row in shared])
-    n = len(differences)
-    error = float(differences.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    return PairedDifference(difference=float(differences.mean()), standard_error=error, n=n)
+    difference, error = mean_and_error([model[row] - baseline[row] for row in shared])
+    return PairedDifference(difference=difference, standard_error=error, n=len(shared))

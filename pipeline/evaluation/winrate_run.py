@@ -6,13 +6,27 @@ the model answers every row (student stage, vLLM), the teacher answers the rows 
 orders (judge stage). The win-rate math (pipeline/evaluation/winrate.py) then runs on the driver over the
 judged rows: the eval set is small. The model is the judged "student", the reference the judged "teacher".
 
+Beside the judge, the reference loss: the model's mean loss per token on the row's own reference answer (the
+file's `output`) given the instruction, under its chat template and training's system prompt (answer-loss
+stage, the tokens training puts a loss on). It needs no judge and no sampling, so it is the same on every run
+and paired by row it sees differences a small judge calls ties. A row without a reference in the file, or too
+long for the engine, has none and says why (`reference_loss_status`).
+
+Rows of the file that overlap the run's pool (the same id, i.e. the same instruction and input, or a
+near-duplicate request: ROUGE-L above expansion.rouge_l_threshold against a pool row or a new row a round kept)
+are dropped before the first eval.num_rows are taken, and counted with their reason: a model trained on them
+would be scored on its training data. Without an imported pool in RUN_DIR no model of the run trained on
+one; the summary then says the overlap was not checked.
+
 OUT (default RUN_DIR/eval/MODEL_NAME/):
-  heldout/            the imported file; rows it could not take are in heldout/_quarantine.jsonl
+  heldout/            the imported file; rows it could not take are in heldout/_quarantine.jsonl, the rows
+                      dropped as overlapping the pool (id → reason) in heldout/_overlap.json
   input/              the rows evaluated: the file's first eval.num_rows, each with its task
   judged/             what the stages wrote; with _checkpoint/, a killed evaluation resumes without paying twice
-  results.parquet     one row per evaluated row: answers, where the reference came from, scores, preference
+  results.parquet     one row per evaluated row: answers, where the reference came from, scores, preference,
+                      reference loss
   summary.parquet     one row: model, round, win_rate, standard_error, lc_win_rate, … (what a comparison gathers)
-  categories.parquet  model, category, score (the category's win rate), standard_error, n
+  categories.parquet  model, category, score (the category's win rate), standard_error, n, reference_loss, …
   _manifest.json      the summary, with the inputs it was computed from
 """
 from __future__ import annotations
@@ -21,8 +35,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import Counter
-from typing import Optional
+from collections import Counter, defaultdict
+from typing import Iterable, Optional
 
 import pyarrow as pa
 
@@ -38,24 +52,86 @@ from pipeline.evaluation.eval_dir import (
     model_name,
     write_outputs,
 )
-from pipeline.evaluation.winrate import by_category, length_controlled_win_rate, preference, win_rate
+from pipeline.evaluation.winrate import (
+    UNLABELLED,
+    by_category,
+    length_controlled_win_rate,
+    mean_and_error,
+    preference,
+    win_rate,
+)
 from pipeline.llm.carried import carried_replies
 from pipeline.llm.endpoint import OpenEndpoint, RunEndpoints
+from pipeline.llm.judge import request_text
 from pipeline.llm.limits import cost_usd
 from pipeline.models import Model, model_key, resolve_model
-from pipeline.pool import import_pool, read_pool
+from pipeline.pool import import_pool, pool_location, read_pool
 from pipeline.schema import POOL_COLUMNS
 
 # A row of the file may name its category under either key (MT-Bench files say "category").
 _TASK_KEYS = ("task", "category")
 # reference_source of a result: the teacher stage's `teacher_source` as the user knows it
 _REFERENCE_SOURCES = {"reference": "file", "teacher": "teacher"}
+# the file's reference answer, whose loss under the model is the reference loss
+_REFERENCE_COLUMN = "output"
+_OVERLAP_FILE = "_overlap.json"
+CATEGORIES_SCHEMA = pa.schema([
+    ("model", pa.string()), ("category", pa.string()), ("score", pa.float64()), ("standard_error", pa.float64()),
+    ("n", pa.int64()), ("reference_loss", pa.float64()), ("reference_loss_standard_error", pa.float64()),
+    ("reference_loss_n", pa.int64())])
 # summary.parquet's columns, in order; the first five are what pipeline/report.py's COMPARE_COLUMNS reads
 SUMMARY_COLUMNS = ("model", "round", "win_rate", "standard_error", "lc_win_rate", "lc_standard_error",
                    "length_slope", "rows", "rows_judged", "rows_failed", "wins", "ties", "losses",
+                   "reference_loss", "reference_loss_standard_error", "reference_loss_rows", "rows_overlapping_pool",
                    "references_from_file", "references_from_teacher", "student_tokens", "teacher_prompt_tokens",
                    "teacher_completion_tokens", "judge_prompt_tokens", "judge_completion_tokens", "cost_usd",
                    "wall_s", "model_path", "eval_file")
+
+
+def overlapping_rows(ids: list[str], requests: list[str], pool_batches: Iterable[tuple[list[str], list[str]]],
+                     threshold: float) -> dict[str, str]:
+    """Held-out row id → why it overlaps the pool: "same_id" (the pool has a row with its id, i.e. its
+    instruction and input), or "near_duplicate" (ROUGE-L of its request above `threshold` against a pool
+    request, as expansion drops new rows); rows that do not overlap are absent. `pool_batches`: (ids, request
+    texts) of the pool in batches, read once."""
+    from pipeline.dedup import near_duplicates
+
+    wanted, in_pool = set(ids), set()
+
+    def texts(batches):
+        for batch_ids, batch_texts in batches:
+            in_pool.update(wanted.intersection(batch_ids))
+            yield batch_texts
+
+    duplicates = near_duplicates(requests, texts(pool_batches), threshold=threshold)
+    reasons = {}
+    for row, duplicate in zip(ids, duplicates):
+        if row in in_pool:
+            reasons[row] = "same_id"
+        elif duplicate is not None and duplicate.source == "pool":     # not another held-out row
+            reasons[row] = "near_duplicate"
+    return reasons
+
+
+def without_overlap(config: RunConfig, heldout: pa.Table) -> tuple[pa.Table, Optional[dict[str, str]]]:
+    """The held-out rows that do not overlap the run's pool and its rounds' new rows, and the ids dropped with
+    their reason; None for the latter when the run has no imported pool (nothing was checked)."""
+    from pipeline.expansion import pool_requests
+
+    if not pool_location(config).child(store.MANIFEST).exists():
+        return heldout, None
+    requests = [request_text(i, x or "") for i, x in zip(heldout.column("instruction").to_pylist(),
+                                                         heldout.column("input").to_pylist())]
+    dropped = overlapping_rows(heldout.column("id").to_pylist(), requests,
+                               pool_requests(config, config.curriculum.rounds), config.expansion.rouge_l_threshold)
+    keep = [row not in dropped for row in heldout.column("id").to_pylist()]
+    return heldout.filter(pa.array(keep, pa.bool_())), dropped
+
+
+def overlap_summary(dropped: Optional[dict[str, str]]) -> dict:
+    """What the summary says of the overlap: checked or not, and how many rows were dropped for each reason."""
+    return {"overlap_checked": dropped is not None, "rows_overlapping_pool": len(dropped or {}),
+            "overlapping": dict(Counter((dropped or {}).values()).most_common())}
 
 
 def evaluated_rows(heldout: pa.Table, num_rows: int) -> pa.Table:
@@ -95,47 +171,56 @@ def winrate(config: RunConfig, model: str, eval_file: Optional[str] = None, out:
     claim(location, inputs)
 
     started = time.perf_counter()
-    rows, quarantined = _input_rows(config, location, eval_file, num_rows)
+    rows, quarantined, overlap = _input_rows(config, location, eval_file, num_rows)
     with contextlib.ExitStack() as stack:
         endpoints = endpoints or RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack)
         stages, spent = _judge(config, location, model_dir, endpoints.teacher(), endpoints.judge())
     judged_rows = store.read_table(location.child("judged"))
     results = results_table(rows, judged_rows)
     summary = {**summarise(results, config.teacher.price, config.effective_judge.price), **inputs,
-               "inputs": inputs, "location": location.uri, "quarantined": quarantined, "stages": stages,
+               "inputs": inputs, "location": location.uri, "quarantined": quarantined, **overlap, "stages": stages,
                "api_usage_this_run": spent, "wall_s": round(time.perf_counter() - started, 2)}
     write_outputs(location, results, summary, summary_table, categories_table)
     return summary
 
 
-def _input_rows(config: RunConfig, location: store.Location, eval_file: str, num_rows: int) -> tuple[pa.Table, int]:
-    """The rows to evaluate (written to OUT/input/ on the first invocation, read back on a resumed one), and how
-    many rows of the file were quarantined."""
+def _input_rows(config: RunConfig, location: store.Location, eval_file: str,
+                num_rows: int) -> tuple[pa.Table, int, dict]:
+    """The rows to evaluate (written to OUT/input/ on the first invocation, read back on a resumed one), how
+    many rows of the file were quarantined, and the overlap with the pool (overlap_summary)."""
     source = location.child("input")
     heldout = location.child("heldout")
     if not source.child("part-00000.parquet").exists():
         import_pool([eval_file], heldout, PoolConfig(max_row_chars=config.pool.max_row_chars), overwrite=True,
                     progress=False)
-        store.write_parquet(source, "part-00000.parquet", evaluated_rows(read_pool(heldout), num_rows))
+        kept, dropped = without_overlap(config, read_pool(heldout))
+        store.write_json(heldout, _OVERLAP_FILE, {"checked": dropped is not None, "dropped": dropped or {}})
+        store.write_parquet(source, "part-00000.parquet", evaluated_rows(kept, num_rows))
     manifest = store.read_json(heldout, store.MANIFEST) or {}
-    return read_pool(source), int(manifest.get("failed", 0))
+    overlap = store.read_json(heldout, _OVERLAP_FILE)
+    return (read_pool(source), int(manifest.get("failed", 0)),
+            overlap_summary(overlap["dropped"] if overlap["checked"] else None))
 
 
 def _judge(config: RunConfig, location: store.Location, model_dir: Model, teacher: OpenEndpoint,
            judge: OpenEndpoint) -> tuple[list[dict], dict]:
     """The streaming job: model answers, references, judged pairs → OUT/judged/. Returns the stage times and the
     API usage of this invocation."""
-    from pipeline.jobs import job_cpus, read_parquet, write_checkpointed
+    from pipeline.jobs import read_parquet, write_checkpointed
     from pipeline.ray_runtime import init_ray, run_limits
+    from pipeline.stages.answer_loss import answer_losses
     from pipeline.stages.judge import judged
     from pipeline.stages.student import generate
     from pipeline.stages.teacher import answered
 
-    init_ray(config.ray, min_cpus=job_cpus(config, endpoint_stages=2))
+    init_ray(config.ray, min_cpus=eval_cpus(config))
     limits = run_limits(config)
 
     def build():
         dataset = generate(read_parquet(location.child("input")), model_dir, config.student)
+        # the reference loss: a second pool of the model's engines, scoring while the first one answers
+        dataset = answer_losses(dataset, model_dir, config.student, _REFERENCE_COLUMN, False,
+                                config.training.system_prompt)
         # keep_reference_outputs: a row's own answer is its reference; the teacher answers only the others
         dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring, True,
                            carried)
@@ -148,6 +233,14 @@ def _judge(config: RunConfig, location: store.Location, model_dir: Model, teache
     return stages, asyncio.run(limits.usage_by_stage())
 
 
+def eval_cpus(config: RunConfig) -> int:
+    """Logical CPUs the evaluation job needs: two pools of the model's engines (answers, reference loss) and
+    two endpoint stages (teacher, judge)."""
+    from pipeline.jobs import job_cpus
+
+    return job_cpus(config, endpoint_stages=2, model_actors=config.student.num_actors)
+
+
 # ---------------------------------------------------------------- judged rows → results and summary (pure)
 
 _RESULT_SCHEMA = pa.schema([
@@ -158,13 +251,17 @@ _RESULT_SCHEMA = pa.schema([
     ("teacher_prompt_tokens", pa.int32()), ("teacher_completion_tokens", pa.int32()),
     ("judge_prompt_tokens", pa.int32()), ("judge_completion_tokens", pa.int32()),
     ("status", pa.string()), ("error", pa.string()),
+    ("reference_loss", pa.float32()), ("reference_loss_tokens", pa.int32()), ("reference_loss_status", pa.string()),
+    ("reference_loss_error", pa.string()),
 ])
 
 
 def results_table(rows: pa.Table, judged: Optional[pa.Table]) -> pa.Table:
     """One result per evaluated row, in the file's order. A row the stages did not write (an interrupted job)
     is there with status 'not_written'; `preference` (1 win, 0.5 tie, 0 loss for the model) only for judged rows.
-    Lengths are in characters, as AlpacaEval's length control measures them."""
+    Lengths are in characters, as AlpacaEval's length control measures them. `reference_loss` (mean nats per
+    token of the file's reference answer) where reference_loss_status is 'ok', whatever the judge made of the
+    row."""
     by_id = {row["id"]: row for row in (judged.to_pylist() if judged is not None else [])}
     results = []
     for row in rows.select(["id", "instruction", "input", "task"]).to_pylist():
@@ -185,15 +282,20 @@ def results_table(rows: pa.Table, judged: Optional[pa.Table]) -> pa.Table:
             "model_tokens": out["student_tokens"],
             **{name: out[name] for name in ("teacher_prompt_tokens", "teacher_completion_tokens",
                                             "judge_prompt_tokens", "judge_completion_tokens")},
-            "status": out["status"], "error": out["error"]})
+            "status": out["status"], "error": out["error"],
+            "reference_loss": out["answer_loss"], "reference_loss_tokens": out["answer_tokens"],
+            "reference_loss_status": out["answer_status"], "reference_loss_error": out["answer_error"]})
     return pa.Table.from_pylist(results, schema=_RESULT_SCHEMA)
 
 
 def summarise(results: pa.Table, teacher_price: PriceConfig, judge_price: PriceConfig) -> dict:
-    """Counts, win rates (raw, length-controlled, per category), tokens and cost of a results table. Rates
-    are over the judged rows only; they are None when no row was judged."""
+    """Counts, win rates (raw, length-controlled, per category), the reference loss (overall, per category),
+    tokens and cost of a results table. Rates are over the judged rows only, None when no row was judged; the
+    loss is over the rows it was computed for, None when there are none, and the others are counted by reason."""
     rows = results.to_pylist()
     judged = [r for r in rows if r["status"] == "ok"]
+    scored = [r for r in rows if r["reference_loss_status"] == "ok"]
+    loss, loss_error = mean_and_error([r["reference_loss"] for r in scored]) if scored else (None, None)
     statuses = Counter(r["status"] for r in rows if r["status"] != "ok")
     sources = Counter(r["reference_source"] for r in rows)
 
@@ -211,7 +313,11 @@ def summarise(results: pa.Table, teacher_price: PriceConfig, judge_price: PriceC
                                                 "judge_prompt_tokens", "judge_completion_tokens")},
         "cost_usd": round(teacher_cost + judge_cost, 6),
         "win_rate": None, "standard_error": None, "wins": 0, "ties": 0, "losses": 0, "lc_win_rate": None,
-        "lc_standard_error": None, "length_slope": None, "categories": {},
+        "lc_standard_error": None, "length_slope": None,
+        "reference_loss": loss, "reference_loss_standard_error": loss_error, "reference_loss_rows": len(scored),
+        "reference_loss_failed": dict(Counter(r["reference_loss_status"] or "not_written" for r in rows
+                                              if r["reference_loss_status"] != "ok").most_common()),
+        "categories": _categories(judged, scored),
     }
     if not judged:
         return summary
@@ -219,12 +325,26 @@ def summarise(results: pa.Table, teacher_price: PriceConfig, judge_price: PriceC
     raw = win_rate(preferences)
     controlled = length_controlled_win_rate(preferences, [r["model_length"] for r in judged],
                                             [r["reference_length"] for r in judged])
-    categories = by_category(preferences, [r["task"] for r in judged])
     return {**summary, "win_rate": raw.rate, "standard_error": raw.standard_error, "wins": raw.wins,
             "ties": raw.ties, "losses": raw.losses, "lc_win_rate": controlled.rate,
-            "lc_standard_error": controlled.standard_error, "length_slope": controlled.length_slope,
-            "categories": {name: {"win_rate": rate.rate, "standard_error": rate.standard_error, "n": rate.n}
-                           for name, rate in categories.items()}}
+            "lc_standard_error": controlled.standard_error, "length_slope": controlled.length_slope}
+
+
+def _categories(judged: list[dict], scored: list[dict]) -> dict[str, dict]:
+    """Per category (sorted; rows without one under 'unlabelled'): the win rate over its judged rows and the
+    reference loss over its scored rows, each with its standard error and row count (None and 0 without rows)."""
+    rates = by_category([r["preference"] for r in judged], [r["task"] for r in judged]) if judged else {}
+    grouped: dict[str, list[float]] = defaultdict(list)
+    for r in scored:
+        grouped[r["task"] or UNLABELLED].append(r["reference_loss"])
+    categories = {}
+    for name in sorted(rates.keys() | grouped.keys()):
+        rate = rates.get(name)
+        loss, loss_error = mean_and_error(grouped[name]) if grouped.get(name) else (None, None)
+        categories[name] = {"win_rate": rate.rate if rate else None, "standard_error": rate.standard_error if rate
+                            else None, "n": rate.n if rate else 0, "reference_loss": loss,
+                            "reference_loss_standard_error": loss_error, "reference_loss_n": len(grouped.get(name, []))}
+    return categories
 
 
 def summary_table(summary: dict) -> pa.Table:
@@ -237,22 +357,25 @@ def _summary_type(column: str) -> pa.DataType:
     if column in ("model", "model_path", "eval_file"):
         return pa.string()
     if column in ("win_rate", "standard_error", "lc_win_rate", "lc_standard_error", "length_slope", "cost_usd",
-                  "wall_s"):
+                  "wall_s", "reference_loss", "reference_loss_standard_error"):
         return pa.float64()
     return pa.int64()
 
 
 def categories_table(summary: dict) -> pa.Table:
-    """categories.parquet: model, category, score (the category's win rate), standard_error, n."""
+    """categories.parquet: model, category, score (the category's win rate), standard_error, n, and its
+    reference loss: reference_loss, reference_loss_standard_error, reference_loss_n."""
     return pa.Table.from_pylist(
-        [{"model": summary["model"], "category": name, "score": value["win_rate"],
-          "standard_error": value["standard_error"], "n": value["n"]} for name, value in summary["categories"].items()],
-        schema=pa.schema([("model", pa.string()), ("category", pa.string()), ("score", pa.float64()),
-                          ("standard_error", pa.float64()), ("n", pa.int64())]))
+        [{"model": summary["model"], "category": name, "score": value["win_rate"], **value}
+         for name, value in summary["categories"].items()], schema=CATEGORIES_SCHEMA)
 
 
 def _percent(rate: Optional[float], error: Optional[float]) -> str:
     return "n/a" if rate is None else f"{100 * rate:.1f}% ± {100 * error:.1f}%"
+
+
+def _loss(loss: Optional[float], error: Optional[float]) -> str:
+    return "n/a" if loss is None else f"{loss:.4f} ± {error:.4f}"
 
 
 def format_summary(summary: dict, location: str) -> str:
@@ -267,9 +390,17 @@ def format_summary(summary: dict, location: str) -> str:
         f"{summary['references_from_teacher']}); failed: {failed}"
         + (f"; {summary['quarantined']} row(s) of the file quarantined" if summary.get("quarantined") else ""),
     ]
+    unscored = ", ".join(f"{reason} {n}" for reason, n in summary["reference_loss_failed"].items()) or "none"
+    lines.append(f"  reference loss {_loss(summary['reference_loss'], summary['reference_loss_standard_error'])} "
+                 f"nats/token ({summary['reference_loss_rows']} rows; without: {unscored})")
+    overlapping = ", ".join(f"{reason} {n}" for reason, n in summary["overlapping"].items())
+    lines.append(f"  {summary['rows_overlapping_pool']} row(s) of the file overlap the pool and were dropped"
+                 + (f" ({overlapping})" if overlapping else "") if summary["overlap_checked"] else
+                 "  overlap with the pool not checked: the run has no imported pool")
     if summary["categories"]:
         lines.append("  by category: " + ", ".join(
-            f"{name} {_percent(value['win_rate'], value['standard_error'])} (n {value['n']})"
+            f"{name} {_percent(value['win_rate'], value['standard_error'])} (n {value['n']}), loss "
+            f"{_loss(value['reference_loss'], value['reference_loss_standard_error'])}"
             for name, value in summary["categories"].items()))
     lines += [
         f"  tokens: model {summary['student_tokens']}, teacher {summary['teacher_prompt_tokens']} in + "
