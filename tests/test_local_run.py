@@ -1,5 +1,7 @@
 """`tapir run` on the local default's path, the one `make demo` takes: the teacher and judge are a `vllm serve` of
-the bundled model that the run starts as its child with a random key, on a tiny config (one round, 12 rows).
+the bundled model that the run starts as its child with a random key, on a tiny config (one round, 12 rows) with
+configs/local.yaml's choices: IFD difficulty, the judge calibrated first, the classifier on the sample pool's
+categories.
 
 The key is read from the server's own environment while the run goes; the Ray workers that call the teacher must
 have it in theirs (the only way it reaches them), and afterwards it must be in no file of the run directory, no
@@ -36,8 +38,9 @@ def write_config(tmp_path: Path, pool: Path, cache_dir: Path) -> Path:
         "ray": {"num_cpus": 2},
         "student": {"batch_size": ROWS, "sampling": {"max_tokens": 8}},
         "teacher": {"kind": "local", "api_key_env": KEY_ENV, "local": {"engine": {"max_model_len": 1024}}},
-        "classifier": {"label_sample_size": ROWS, "train": {"epochs": 1}},
-        "curriculum": {"rounds": 1, "rows_per_round": 6, "expansion_per_round": 2},
+        "classifier": {"labels_path": "bundled:sample", "train": {"epochs": 1}},
+        "judge_calibration": {"enabled": True, "rows": 2},
+        "curriculum": {"rounds": 1, "rows_per_round": 6, "expansion_per_round": 2, "difficulty": "ifd"},
         "scoring": {"batch_size": ROWS},
         "expansion": {"max_tokens": 48},
         "respond": {"max_tokens": 24},
@@ -92,6 +95,9 @@ def test_a_run_with_the_local_teacher_finishes_and_leaves_no_key_and_no_process_
     assert key, "no `vllm serve` child with a key was seen while the run went"
     assert "local teacher ready" in logged and "local teacher stopped" in logged
     assert "run finished: 1 round(s)" in printed and len(printed.splitlines()) <= 25, printed
+    # the round's summary says how difficulty was measured and what the judge and the task labels are worth
+    assert "IFD over" in printed and "judge calibration: discrimination" in printed, printed
+    assert "task classifier: trained on" in printed and "labelled by bundled:sample" in printed, printed
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["status"] == "finished"
     assert state["rounds"]["0"]["finished"] == ["score", "plan", "expand", "respond", "train_set", "train"]
@@ -100,7 +106,7 @@ def test_a_run_with_the_local_teacher_finishes_and_leaves_no_key_and_no_process_
     assert json.loads((tmp_path / "run" / "round_0" / "sft" / "_manifest.json").read_text())["complete"]
 
     # the key reached the teacher's callers through their environment, and never a command line
-    assert any("PairJudge" in name for name in workers_with_key), workers_with_key
+    assert any("SeedExpander" in name or "StyledAnswer" in name for name in workers_with_key), workers_with_key
     assert not [line for line in command_lines if key in line]
     # ... and nothing that stays
     assert key not in printed
