@@ -197,7 +197,8 @@ def _input_rows(config: RunConfig, location: store.Location, eval_file: str,
         store.write_json(heldout, _OVERLAP_FILE, {"checked": dropped is not None, "dropped": dropped or {}})
         store.write_parquet(source, "part-00000.parquet", evaluated_rows(kept, num_rows))
     manifest = store.read_json(heldout, store.MANIFEST) or {}
-    overlap = store.read_json(heldout, _OVERLAP_FILE)
+    # an evaluation begun before the overlap check has no record of it: it was not checked
+    overlap = store.read_json(heldout, _OVERLAP_FILE) or {"checked": False}
     return (read_pool(source), int(manifest.get("failed", 0)),
             overlap_summary(overlap["dropped"] if overlap["checked"] else None))
 
