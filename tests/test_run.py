@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -245,8 +246,12 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(killed_run)
 def test_eval_compare_trains_a_plain_baseline_and_scores_every_round_against_it(killed_run, shared_data):
     api, run = killed_run.api, killed_run.run
     heldout = killed_run.config.parent / "heldout.jsonl"
-    rows = (shared_data / "alpaca_dev_4000.jsonl").read_text().splitlines()[1000:1000 + HELDOUT_ROWS]
-    heldout.write_text("\n".join(rows) + "\n")
+    lines = (shared_data / "alpaca_dev_4000.jsonl").read_text().splitlines()
+    rows = lines[1000:1000 + HELDOUT_ROWS]
+    # ahead of them, a pool row as it is and one with a word added: both are dropped, not evaluated
+    near = json.loads(lines[1])
+    near["instruction"] += " Thanks"
+    heldout.write_text("\n".join([lines[0], json.dumps(near)] + rows) + "\n")
     command = ("eval", "compare", str(killed_run.config), "--eval", str(heldout))
     before = Counter(api.stats.answered_prompts)
     done = tapir(*command, env=killed_run.env, timeout=1500)
@@ -274,7 +279,7 @@ def test_eval_compare_trains_a_plain_baseline_and_scores_every_round_against_it(
     compare = pq.read_table(run / "eval" / "compare.parquet").to_pylist()
     assert [(row["model"], row["round"]) for row in compare] == [
         ("base_student", None), ("baseline", None), ("round_0", 0), ("round_1", 1)]
-    preferences = {}
+    preferences, losses = {}, {}
     for row in compare:
         results = pq.read_table(run / "eval" / row["model"] / "results.parquet").to_pylist()
         assert [r["instruction"] for r in results] == [json.loads(line)["instruction"] for line in rows]
@@ -283,22 +288,43 @@ def test_eval_compare_trains_a_plain_baseline_and_scores_every_round_against_it(
         summary = pq.read_table(run / "eval" / row["model"] / "summary.parquet").to_pylist()[0]
         assert (row["win_rate"], row["rows_judged"]) == (summary["win_rate"], summary["rows_judged"]) and \
             row["rows_judged"] == HELDOUT_ROWS
+        # the reference loss: every row's reference answer scored under the model, the mean in every table
+        assert {r["reference_loss_status"] for r in results} == {"ok"} and all(r["reference_loss"] > 0
+                                                                             for r in results)
+        losses[row["model"]] = {r["id"]: r["reference_loss"] for r in results}
+        assert row["reference_loss"] == pytest.approx(np.mean(list(losses[row["model"]].values())))
+        assert row["reference_loss"] == pytest.approx(summary["reference_loss"])
+        assert row["reference_loss_rows"] == HELDOUT_ROWS and row["reference_loss_standard_error"] > 0
+        overlap = json.loads((run / "eval" / row["model"] / "heldout" / "_overlap.json").read_text())
+        assert row["rows_overlapping_pool"] == 2 and sorted(overlap["dropped"].values()) == ["near_duplicate",
+                                                                                              "same_id"]
     for row in compare:
         if row["model"] == "baseline":
             assert row["difference_to_baseline"] is None and row["trained_rows"] == trained
+            assert row["loss_difference_to_baseline"] is None
             continue
         expected = sum(preferences[row["model"]][i] - preferences["baseline"][i] for i in preferences["baseline"])
         assert row["difference_to_baseline"] == pytest.approx(expected / HELDOUT_ROWS)
+        differences = [losses[row["model"]][i] - losses["baseline"][i] for i in losses["baseline"]]
+        assert row["loss_difference_to_baseline"] == pytest.approx(np.mean(differences))
+        assert row["loss_difference_standard_error"] == pytest.approx(np.std(differences, ddof=1) /
+                                                                      np.sqrt(HELDOUT_ROWS))
+        assert row["loss_rows_paired"] == HELDOUT_ROWS
     assert [row["trained_rows"] for row in compare] == [0, trained, trained - len(
         pq.read_table(run / "round_1" / "train" / "part-0.parquet")), trained]
     categories = pq.read_table(run / "eval" / "categories.parquet").to_pylist()
     assert {row["model"] for row in categories} == {row["model"] for row in compare}
-    assert "vs baseline" in done.stdout and "round_1" in done.stdout
+    assert all(row["reference_loss"] > 0 for row in categories)
+    assert sum(row["reference_loss_n"] for row in categories) == HELDOUT_ROWS * len(compare)
+    assert "vs baseline" in done.stdout and "round_1" in done.stdout and "loss vs baseline" in done.stdout
+    assert "held-out rows overlapping the pool, dropped before evaluation: 2" in done.stdout
     page = images_of(run / "report" / "report.html")
     assert all(loaded for _, loaded in page.images), page.images
-    assert all((run / "report" / "plots" / name).exists() for name in ("win_rate.png", "category_scores.png"))
+    assert all((run / "report" / "plots" / name).exists() for name in ("win_rate.png", "category_scores.png",
+                                                                        "reference_loss.png"))
     markdown = (run / "report" / "report.md").read_text()
     assert "Win rate: each round against the baseline" in markdown and "Scores per category" in markdown
+    assert "Reference loss: each round against the baseline" in markdown
 
     # run again: everything is found finished, nothing is sent
     answered = Counter(api.stats.answered_prompts)
