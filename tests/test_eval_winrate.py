@@ -258,6 +258,11 @@ def test_eval_winrate_judges_every_row_against_the_file_or_the_teacher_and_repor
             assert row["reference_source"] == "file" and row["reference_answer"] == records[i]["output"]
         else:
             assert row["reference_source"] == "teacher" and row["reference_answer"]
+        # the reference loss: of the file's answer where it has one, whatever the judge made of the row
+        if i < WITH_REFERENCE:
+            assert row["reference_loss_status"] == "ok" and row["reference_loss"] > 0
+        else:
+            assert row["reference_loss_status"] == "no_answer" and row["reference_loss"] is None
         if i == UNJUDGEABLE:
             assert row["status"] == "judge_unparseable" and "no pair of scores" in row["error"]
             assert row["preference"] is None
@@ -288,6 +293,8 @@ def test_eval_winrate_judges_every_row_against_the_file_or_the_teacher_and_repor
     assert set(categories) == {"Writing", "Reasoning"} and sum(r["n"] for r in categories.values()) == ROWS - 1
     assert f"win rate {100 * expected.rate:.1f}%" in stdout and "by category: Reasoning" in stdout
     assert "failed: judge_unparseable 1" in stdout
+    assert row["reference_loss_rows"] == WITH_REFERENCE and row["reference_loss"] > 0
+    assert "overlap with the pool not checked" in stdout          # no run here: no pool any model trained on
     # the key reached the API and nothing that was written
     assert api.stats.answered > 0
     assert_no_file_holds(out, api.api_key)
