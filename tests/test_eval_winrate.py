@@ -196,7 +196,8 @@ def test_an_evaluation_needs_a_file_and_will_not_mix_with_another_in_the_same_di
     out = tmp_path / "run" / "eval" / "student"
     out.mkdir(parents=True)
     (out / "_inputs.json").write_text(json.dumps({"model": "student", "eval_file": "/elsewhere.jsonl"}))
-    with pytest.raises(EvalError, match="differ in .*eval_file.*pass --out"):
+    # (an evaluation from before the reference loss has no reference_loss_of: it is not continued either)
+    with pytest.raises(EvalError, match=r"differ in .*eval_file.*reference_loss_of\); pass --out"):
         winrate(config, str(model), eval_file=str(tmp_path / "heldout.jsonl"))
 
 

@@ -164,7 +164,9 @@ def winrate(config: RunConfig, model: str, eval_file: Optional[str] = None, out:
     location = eval_location(config, name, out)
     model_dir = resolve_model(model, config.storage.cache_dir, config.storage.s3_endpoint_url)
     inputs = {"model": name, "round": round_index, "model_path": model_key(model_dir), "eval_file": absolute(eval_file),
-              "num_rows": num_rows, "config_hash": config_hash(config)}
+              "num_rows": num_rows, "config_hash": config_hash(config),
+              # an evaluation from before the reference loss has none in its rows: it is refused, not mixed in
+              "reference_loss_of": _REFERENCE_COLUMN}
     finished = finished_summary(location, inputs)
     if finished:
         return finished
