@@ -231,14 +231,15 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(killed_run)
     assert api.api_key not in (run / "state.json").read_text()
 
     # the console: a line per stage, each round's summary and the result; what Ray, vLLM, DeepSpeed and
-    # transformers print goes to the run's log, which both invocations appended to
+    # transformers print goes to the run's log
     first = (run.parent / "killed.log").read_text()       # round 0, and round 1 up to the kill
     for console in (first, resumed.stdout + resumed.stderr):
         assert len(console.splitlines()) <= 45 and not THIRD_PARTY.search(console), console
     assert all(f"round 0: {stage} done in" in first for stage in STAGES) and "== round 0 ==" in first
     assert "round 1: train done in" in resumed.stdout and "run finished: 2 round(s)" in resumed.stdout
     log = (run / "logs" / "run.log").read_text()
-    assert log.count("== tapir run ") == 2 and str(run / "logs" / "run.log") in first
+    # three invocations appended to it: the killed one, the resumed one, and the one that found nothing to do
+    assert log.count("== tapir run ") == 3 and str(run / "logs" / "run.log") in first
     assert "(RayTrainWorker pid=" in log and "vllm" in log and "deepspeed" in log.lower()
 
 
