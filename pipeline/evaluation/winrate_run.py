@@ -211,19 +211,17 @@ def _judge(config: RunConfig, location: store.Location, model_dir: Model, teache
     API usage of this invocation."""
     from pipeline.jobs import read_parquet, write_checkpointed
     from pipeline.ray_runtime import init_ray, run_limits
-    from pipeline.stages.answer_loss import answer_losses
+    from pipeline.stages.answer_loss import answers_and_losses
     from pipeline.stages.judge import judged
-    from pipeline.stages.student import generate
     from pipeline.stages.teacher import answered
 
     init_ray(config.ray, min_cpus=eval_cpus(config))
     limits = run_limits(config)
 
     def build():
-        dataset = generate(read_parquet(location.child("input")), model_dir, config.student)
-        # the reference loss: a second pool of the model's engines, scoring while the first one answers
-        dataset = answer_losses(dataset, model_dir, config.student, _REFERENCE_COLUMN, False,
-                                config.training.system_prompt)
+        # the model's answers and its loss on the reference answers, from the same engines
+        dataset = answers_and_losses(read_parquet(location.child("input")), model_dir, config.student,
+                                     _REFERENCE_COLUMN, config.training.system_prompt)
         # keep_reference_outputs: a row's own answer is its reference; the teacher answers only the others
         dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring, True,
                            carried)
@@ -237,11 +235,11 @@ def _judge(config: RunConfig, location: store.Location, model_dir: Model, teache
 
 
 def eval_cpus(config: RunConfig) -> int:
-    """Logical CPUs the evaluation job needs: two pools of the model's engines (answers, reference loss) and
-    two endpoint stages (teacher, judge)."""
+    """Logical CPUs the evaluation job needs: the model's engines (answers and reference loss) and two endpoint
+    stages (teacher, judge)."""
     from pipeline.jobs import job_cpus
 
-    return job_cpus(config, endpoint_stages=2, model_actors=config.student.num_actors)
+    return job_cpus(config, endpoint_stages=2)
 
 
 # ---------------------------------------------------------------- judged rows → results and summary (pure)

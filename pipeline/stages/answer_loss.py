@@ -30,7 +30,7 @@ import pyarrow as pa
 from pipeline.config import StudentConfig
 from pipeline.models import Model
 from pipeline.stages.columns import check_columns, with_columns
-from pipeline.stages.student import generate, start_engine
+from pipeline.stages.student import StudentGenerator, generate, start_engine
 from training.chat_format import messages, split_texts
 
 OUTPUT_COLUMNS = {"answer_loss": pa.float32(), "answer_loss_alone": pa.float32(), "ifd": pa.float32(),
@@ -42,12 +42,13 @@ class AnswerLoss:
     `answer_loss_alone` and `ifd` (when `unconditioned`), `answer_tokens`, `answer_status` and `answer_error`."""
 
     def __init__(self, config: StudentConfig, model_dir: Model, answer_column: str, unconditioned: bool = True,
-                 system_prompt: Optional[str] = None):
+                 system_prompt: Optional[str] = None, engine=None):
         """`answer_column`: the column holding the answer scored; `unconditioned`: also the loss without the
-        instruction, and IFD; `system_prompt`: the one the student is trained with (training.system_prompt)."""
+        instruction, and IFD; `system_prompt`: the one the student is trained with (training.system_prompt);
+        `engine`: a vLLM engine over `model_dir` another stage of this actor started (else one is started)."""
         from vllm import SamplingParams
 
-        self.llm = start_engine(config, model_dir)
+        self.llm = engine or start_engine(config, model_dir)
         self.tokenizer = self.llm.get_tokenizer()
         self.answer_column, self.unconditioned, self.system_prompt = answer_column, unconditioned, system_prompt
         self.max_model_len = config.engine.max_model_len
@@ -98,6 +99,20 @@ class AnswerLoss:
         return with_columns(batch, {name: pa.array(columns[name], kind) for name, kind in OUTPUT_COLUMNS.items()})
 
 
+class AnswerAndLoss:
+    """Ray Data callable class: the student's own answer (StudentGenerator's columns) and its loss on a given
+    answer (AnswerLoss's, without IFD), both from one engine. An evaluation needs both for every held-out row;
+    a second pool of engines would pay its own start and memory."""
+
+    def __init__(self, config: StudentConfig, model_dir: Model, answer_column: str,
+                 system_prompt: Optional[str] = None):
+        self.answer = StudentGenerator(config, model_dir)
+        self.loss = AnswerLoss(config, model_dir, answer_column, False, system_prompt, engine=self.answer.llm)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.loss(self.answer(batch))
+
+
 def mean_loss(prompt_logprobs: list, token_ids: list[int], answer_start: int) -> float:
     """Mean negative log-probability of the tokens from `answer_start` on. vLLM's prompt log-probs hold, per
     position, a dict token id → Logprob that includes the prompt's own token (None at position 0)."""
@@ -110,3 +125,10 @@ def answer_losses(dataset, model_dir: Model, config: StudentConfig, answer_colum
     """The stage applied to a Ray dataset, on the student's engine actors (student.generate's pool and GPUs)."""
     return generate(dataset, model_dir, config, AnswerLoss, answer_column=answer_column,
                     unconditioned=unconditioned, system_prompt=system_prompt)
+
+
+def answers_and_losses(dataset, model_dir: Model, config: StudentConfig, answer_column: str,
+                       system_prompt: Optional[str]):
+    """AnswerAndLoss applied to a Ray dataset, on one pool of the student's engine actors."""
+    return generate(dataset, model_dir, config, AnswerAndLoss, answer_column=answer_column,
+                    system_prompt=system_prompt)

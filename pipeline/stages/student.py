@@ -70,8 +70,9 @@ def sampling_params(config: StudentConfig):
 class StudentGenerator:
     """Ray Data callable class: adds the student's answer (and its token count and status) to every row."""
 
-    def __init__(self, config: StudentConfig, model_dir: Model):
-        self.llm = start_engine(config, model_dir)
+    def __init__(self, config: StudentConfig, model_dir: Model, engine=None):
+        """`engine`: a vLLM engine over `model_dir` another stage of this actor started (else one is started)."""
+        self.llm = engine or start_engine(config, model_dir)
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling = sampling_params(config)
         self.prompt_budget = config.engine.max_model_len - config.sampling.max_tokens
