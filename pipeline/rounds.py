@@ -139,7 +139,8 @@ def _round(config: RunConfig, r: int, endpoints: RunEndpoints, state: dict, save
     new_rows = expansion.read_new_rows(config, r)
     step("respond", lambda: responding.respond(config, r, new_rows, endpoints))
     step("train_set", lambda: planning.write_training_set(config, r, new_rows, responding.read_answers(config, r)))
-    step("train", lambda: sft.train(config, r))
+    last = r == config.curriculum.rounds - 1
+    step("train", lambda: sft.train(config, r, None if last else f"round {r + 1}'s scoring loads it in vLLM"))
     if "summary" not in done:
         summary = round_summary(config, r, done["summaries"])
         store.write_json(round_location(config, r), "summary.json", summary)

@@ -3,10 +3,10 @@ HF model directory `run/round_R/model/` that the next round's student stage load
 
 From top to bottom: check and prepare the data (training/sft_data.py; a bad training set stops here,
 before any worker starts), plan the steps, run Ray Train's TorchTrainer with DeepSpeed ZeRO
-(training/sft_worker.py), generate with vLLM from the saved model as a smoke check, then write the
-summary, its manifest and a loss plot. Checkpoints live in `run/round_R/checkpoint/train/`; the same
-command run again after a kill resumes from the latest, and they are deleted once the round's model and
-manifest are written. A finished round is not trained again.
+(training/sft_worker.py), generate with vLLM from the saved model as a smoke check (unless the caller loads
+it in vLLM next anyway), then write the summary, its manifest and a loss plot. Checkpoints live in
+`run/round_R/checkpoint/train/`; the same command run again after a kill resumes from the latest, and they are
+deleted once the round's model and manifest are written. A finished round is not trained again.
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import io
 import json
 import logging
 import time
+from typing import Optional
 
 import pyarrow.dataset as pads
 
 from pipeline import store
 from pipeline.classification import checkpoint_location, model_location
-from pipeline.config import RunConfig, TrainingConfig
+from pipeline.config import TRAINING_RESUME_NEUTRAL, RunConfig, TrainingConfig
 from pipeline.jobs import read_parquet
 from pipeline.models import Model, local_model, model_key, run_model
 from pipeline.scoring import config_hash, student_model
@@ -36,8 +37,6 @@ STAGE = "train"
 SMOKE_PROMPTS = 2
 SMOKE_MAX_TOKENS = 64
 _RESUME_KEY_FILE = "_tapir_run.json"
-# Settings that change nothing of what was trained, so a run may resume with them changed.
-_RESUME_NEUTRAL = ("checkpoint_every_steps", "max_failures")
 
 
 def uses_bf16(training: TrainingConfig) -> bool:
@@ -54,13 +53,16 @@ def deepspeed_config(training: TrainingConfig, steps: StepPlan) -> dict:
 
 
 def resume_key(training: TrainingConfig, data_key: str, model: Model) -> str:
-    settings = training.model_dump(mode="json", exclude=set(_RESUME_NEUTRAL))
+    settings = training.model_dump(mode="json", exclude=set(TRAINING_RESUME_NEUTRAL))
     text = json.dumps({"training": settings, "data": data_key, "model": model_key(model)}, sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def train(config: RunConfig, round_index: int = 0) -> dict:
-    """Trains the round's student and returns the summary (also written as `sft/_manifest.json`)."""
+def train(config: RunConfig, round_index: int = 0, smoke_skipped_because: Optional[str] = None) -> dict:
+    """Trains the round's student and returns the summary (also written as `sft/_manifest.json`).
+    `smoke_skipped_because`: no smoke generation, for this reason: what the caller does next loads the model in
+    vLLM anyway (the next round's scoring, an evaluation), and an engine's start is a large part of a small
+    round's training stage."""
     from transformers import AutoConfig, AutoTokenizer
 
     from pipeline.ray_runtime import init_ray
@@ -90,10 +92,10 @@ def train(config: RunConfig, round_index: int = 0) -> dict:
     prepared_s = time.perf_counter() - started
     _fit(config, round_index, plan, checkpoints)
     fitted_s = time.perf_counter() - started - prepared_s
-    smoke = smoke_generate(config, round_index)
+    smoke = smoke_generate(config, round_index) if smoke_skipped_because is None else None
     metrics = read_metrics(out)
     store.write_bytes(out, "loss.png", loss_plot(metrics))
-    summary = summarise(config, round_index, data, steps, metrics, smoke,
+    summary = summarise(config, round_index, data, steps, metrics, smoke, smoke_skipped_because,
                         {"prepare_s": round(prepared_s, 2), "fit_s": round(fitted_s, 2),
                          "smoke_s": round(time.perf_counter() - started - prepared_s - fitted_s, 2),
                          "wall_s": round(time.perf_counter() - started, 2)})
@@ -197,8 +199,8 @@ def loss_plot(metrics: dict[str, list[dict]]) -> bytes:
     return buffer.getvalue()
 
 
-def summarise(config: RunConfig, round_index: int, data: dict, steps: StepPlan, metrics: dict, smoke: list[dict],
-              times: dict) -> dict:
+def summarise(config: RunConfig, round_index: int, data: dict, steps: StepPlan, metrics: dict,
+              smoke: Optional[list[dict]], smoke_skipped_because: Optional[str], times: dict) -> dict:
     records = metrics["step"]
     real = sum(r["real_tokens"] for r in records)
     seconds = sum(r["seconds"] for r in records)
@@ -216,7 +218,7 @@ def summarise(config: RunConfig, round_index: int, data: dict, steps: StepPlan, 
             "tokens_trained": real, "tokens_per_s": round(real / seconds, 1) if seconds else None,
             "non_pad_share": round(real / sum(r["padded_tokens"] for r in records), 4) if records else None,
             "train_s": round(seconds, 2)},
-        "eval": evals, "smoke": smoke, **times,
+        "eval": evals, "smoke": smoke, "smoke_skipped_because": smoke_skipped_because, **times,
     }
 
 
@@ -238,7 +240,10 @@ def format_summary(summary: dict) -> str:
         first, last = summary["eval"][0], summary["eval"][-1]
         lines.append(f"  held-out perplexity {first['perplexity']:.2f} (step {first['step']}) → "
                      f"{last['perplexity']:.2f} (step {last['step']})")
-    lines.append(f"  vLLM smoke answer: {(summary['smoke'][0]['response'] or '')[:100]!r}")
+    if summary.get("smoke"):
+        lines.append(f"  vLLM smoke answer: {(summary['smoke'][0]['response'] or '')[:100]!r}")
+    else:
+        lines.append(f"  no vLLM smoke answer: {summary.get('smoke_skipped_because')}")
     lines.append(f"  wall time {summary['wall_s']:.1f} s (data {summary['prepare_s']:.1f} s, training "
                  f"{summary['fit_s']:.1f} s, smoke generation {summary['smoke_s']:.1f} s)")
     return "\n".join(lines)

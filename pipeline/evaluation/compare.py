@@ -102,7 +102,7 @@ def train_baseline(config: RunConfig, size: int, endpoints: RunEndpoints) -> dic
     plan_baseline(config, size)
     responding.respond(baseline, 0, None, endpoints)
     planning.write_training_set(baseline, 0, None, responding.read_answers(baseline, 0))
-    return sft.train(baseline, 0)
+    return sft.train(baseline, 0, "the evaluation loads it in vLLM")
 
 
 def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Optional[int] = None,
