@@ -356,6 +356,11 @@ class RespondConfig(Section):
     temperature: float = Field(0.0, ge=0)
 
 
+# Training settings that change nothing of what is trained: a killed training may resume with them changed, and a
+# run whose rounds were trained may go on with them changed (pipeline/resume.py).
+TRAINING_RESUME_NEUTRAL = ("checkpoint_every_steps", "max_failures")
+
+
 class TrainingConfig(Section):
     epochs: int = Field(3, gt=0, description="Lion: 3.")
     learning_rate: float = Field(2e-5, gt=0, description="Lion: 2e-5.")

@@ -11,14 +11,14 @@ import json
 import logging
 from typing import Any, Iterable
 
-from pipeline.config import RunConfig, redacted
+from pipeline.config import TRAINING_RESUME_NEUTRAL, RunConfig, redacted
 from pipeline.errors import UserError
 
 # Settings that shape no stage's output: what a run may spend, how many rounds it has, and where and how fast the
 # work runs (run_dir too: the state was found in it, however it is spelled now). A prefix covers what is under it.
 FREE_SETTINGS = (
     "max_cost_usd", "curriculum.rounds", "ray.", "eval.", "storage.run_dir", "storage.cache_dir",
-    "storage.s3_endpoint_url",
+    "storage.s3_endpoint_url", *(f"training.{name}" for name in TRAINING_RESUME_NEUTRAL),
     "student.num_actors", "student.batch_size", "classifier.num_actors", "classifier.batch_size",
     "scoring.actors_per_stage", "scoring.batches_in_flight_per_actor", "scoring.batch_size",
     *(f"{role}.{name}" for role in ("teacher", "judge") for name in (

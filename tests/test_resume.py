@@ -48,6 +48,10 @@ def test_settings_that_shaped_no_finished_stage_may_change_and_are_returned_to_b
     assert check(untrained, fewer_epochs, config_hash(fewer_epochs), "s") == {"training.epochs": [3, 1]}
     with pytest.raises(ResumeRefused, match=r"training.epochs: 3 → 1 \(shaped train of round 0\)"):
         check(state, fewer_epochs, config_hash(fewer_epochs), "s")
+    # ... but how often it checkpoints and how many worker failures it survives shape nothing it trained
+    sturdier = config(tmp_path, training={"checkpoint_every_steps": 5, "max_failures": 2})
+    assert check(state, sturdier, config_hash(sturdier), "s") == {
+        "training.checkpoint_every_steps": [50, 5], "training.max_failures": [0, 2]}
 
 
 def test_the_pool_and_the_classifier_count_once_prepared_even_before_round_0_finishes_scoring(tmp_path):
