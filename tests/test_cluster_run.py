@@ -145,7 +145,10 @@ def test_a_submitted_run_finishes_after_losing_a_node_mid_stage_with_every_row_o
         tmp_path, write_pool(tmp_path, shared_data), api, prepared_student.parent.parent, ray={"address": "auto"},
         student={"batch_size": BATCH, "sampling": {"max_tokens": 64}, "num_actors": 2},    # long enough to kill
         curriculum={"rounds": 1, "rows_per_round": PLANNED, "expansion_per_round": EXPANDED, "mfd_threshold": 0.0,
-                    "keep_reference_outputs": False})
+                    "keep_reference_outputs": False},
+        # one round's training on the head after the loss: the fewest steps (the killed run tests their resume)
+        training={"epochs": 1, "effective_batch_size": 4, "micro_batch_size": 2, "max_len": 256, "eval_fraction": 0.0,
+                  "gradient_checkpointing": False})
     run = tmp_path / "run"
     submitter = {**env, "RAY_AUTH_TOKEN": cluster.token}         # the submitting machine has no teacher key
 

@@ -1,8 +1,9 @@
 """`tapir run` end to end: two rounds of score → plan → expand → respond → train, with the real vLLM student,
 classifier, Ray Train and DeepSpeed, and the paid API played by a loopback server.
 
-The run is killed with SIGKILL in round 1 and the same command run again: it must finish, every stage once,
-with no answered paid call sent again beyond the batches in flight at the kill.
+The run is killed with SIGKILL in round 1's respond stage, the same command is killed again in round 1's
+training (after a checkpoint), and run a third time: it must finish, every stage once, with no answered paid
+call sent again beyond the batches in flight at the kill, and training must resume at its checkpointed step.
 """
 import hashlib
 import json
@@ -20,15 +21,18 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from browser import images_of
 from conftest import kill_when
+from safetensors.torch import load_file
 
 from pipeline.config import RespondConfig
 from pipeline.llm.emulated_api import EmulatedAPI, default_reply
 from pipeline.llm.prompts import prompt_template
 from pipeline.rounds import STAGES
 from pipeline.stages.respond import style_for
+from training.sft import format_summary
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +43,8 @@ ROWS = 32
 HELDOUT_ROWS = 6
 BATCH = 8
 # The smallest sizes that still take every path: planned rows with repeats and with hard and easy ones, new rows
-# kept and dropped for each reason, two respond batches (so a kill lands between them), a few optimizer steps.
+# kept and dropped for each reason, two respond batches (so a kill lands between them), and enough optimizer steps
+# of two 128-token sequences that a kill after the third lands mid-epoch, past a checkpoint at step 2.
 PLANNED = 12
 EXPANDED = 12
 ANSWER_TOKENS = 16         # the emulated teacher writes a word a token: short answers train in seconds
@@ -76,6 +81,13 @@ def call_stage(prompt: str) -> str:
     return "expand" if "[Given task]" in messages[-1]["content"] else "score"
 
 
+# gradient checkpointing (the default) recomputes each forward: a third more compute per step, which a 135M model on
+# a few short rows does not need; test_local_run keeps it on. A checkpoint only at the end (the default's 50 steps
+# are more than a round has): the killed run asks for one every 2 steps only where it kills its training.
+TRAINING = {"epochs": 1, "effective_batch_size": 2, "micro_batch_size": 1, "max_len": 128, "eval_fraction": 0.2,
+            "gradient_checkpointing": False}
+
+
 def write_config(tmp_path: Path, pool: Path, api: EmulatedAPI, cache_dir: Path, **overrides) -> Path:
     endpoint = {"kind": "remote", "base_url": api.base_url, "model": "paid-teacher", "api_key_env": KEY_ENV,
                 "price": {"input_per_million_usd": 1.0, "output_per_million_usd": 4.0}}
@@ -90,10 +102,7 @@ def write_config(tmp_path: Path, pool: Path, api: EmulatedAPI, cache_dir: Path, 
                        "keep_reference_outputs": False},
         "scoring": {"batch_size": BATCH, "batches_in_flight_per_actor": 1},
         "respond": {"max_tokens": ANSWER_TOKENS},
-        # gradient checkpointing (the default) recomputes each forward: a third more compute per step, which a
-        # 135M model on a few short rows does not need; test_train_round and test_local_run keep it on
-        "training": {"epochs": 1, "effective_batch_size": 4, "micro_batch_size": 2, "max_len": 256,
-                     "eval_fraction": 0.0, "gradient_checkpointing": False},
+        "training": TRAINING,
         **overrides,
     }
     path = tmp_path / "config.yaml"
@@ -116,15 +125,24 @@ def tapir(*args, env, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run([TAPIR, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
+def step_records(run: Path, round_index: int) -> list[dict]:
+    path = run / f"round_{round_index}" / "sft" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "step"]
+
+
 @dataclass
 class KilledRun:
-    """A 2-round run killed in round 1 and run again to the end, with the loopback API still serving."""
+    """A 2-round run killed in round 1's respond stage, killed again in its training, and run again to the end,
+    with the loopback API still serving."""
     api: EmulatedAPI
     config: Path
     env: dict
     run: Path
     state_at_kill: dict
     calls_at_kill: Counter
+    steps_at_training_kill: list[int]   # round 1's optimizer steps logged when the second command was killed
     calls: Counter          # every prompt the API answered, and how often, when the run had finished
     resumed: subprocess.CompletedProcess
 
@@ -134,7 +152,8 @@ def killed_run(tmp_path_factory, shared_data, prepared_student):
     tmp_path = tmp_path_factory.mktemp("killed-run")
     api = EmulatedAPI(latency_s=0.05, reply=teacher_reply)
     with api.serving_in_thread():
-        config = write_config(tmp_path, write_pool(tmp_path, shared_data), api, prepared_student.parent.parent)
+        pool, cache = write_pool(tmp_path, shared_data), prepared_student.parent.parent
+        config = write_config(tmp_path, pool, api, cache)
         env = {**os.environ, KEY_ENV: api.api_key}
         run = tmp_path / "run"
         # the output goes to a file: a pipe nobody reads fills up and blocks the run's progress bars
@@ -149,13 +168,25 @@ def killed_run(tmp_path_factory, shared_data, prepared_student):
         state_at_kill = json.loads((run / "state.json").read_text())
         calls_at_kill = Counter(api.stats.answered_prompts)
 
+        # again, in round 1's training: after its third optimizer step, past a checkpoint at step 2. How often
+        # training checkpoints shapes nothing it trains, so the run goes on with it changed
+        write_config(tmp_path, pool, api, cache, training={**TRAINING, "checkpoint_every_steps": 2})
+        log = tmp_path / "killed-in-training.log"
+        with open(log, "w") as output:
+            killed = subprocess.Popen([TAPIR, "run", str(config)], stdout=output, stderr=subprocess.STDOUT,
+                                      cwd=REPO, env=env)
+        with open(log) as output:
+            kill_when(killed, lambda: len(step_records(run, 1)) >= 3, 1500, output)
+        steps_at_training_kill = [r["step"] for r in step_records(run, 1)]
+
         resumed = tapir("run", str(config), env=env)
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-        yield KilledRun(api, config, env, run, state_at_kill, calls_at_kill, Counter(api.stats.answered_prompts),
-                        resumed)
+        write_config(tmp_path, pool, api, cache)        # and back: compare's baseline checkpoints at its end
+        yield KilledRun(api, config, env, run, state_at_kill, calls_at_kill, steps_at_training_kill,
+                        Counter(api.stats.answered_prompts), resumed)
 
 
-@pytest.mark.timeout(2400)     # two rounds of training on 2 cores, a kill and two more invocations
+@pytest.mark.timeout(2400)     # two rounds of training on 2 cores, two kills and three more invocations
 def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(killed_run):
     api, config, env, run = killed_run.api, killed_run.config, killed_run.env, killed_run.run
     state_at_kill, calls_at_kill, calls, resumed = (killed_run.state_at_kill, killed_run.calls_at_kill,
@@ -188,7 +219,7 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(killed_run)
     # round 1 scored the new student against round 0's teacher answers: no teacher call in round 1's scoring
     scored_1 = pads.dataset(run / "round_1" / "score", format="parquet").to_table().to_pylist()
     assert len(scored_1) == ROWS and {r["teacher_source"] for r in scored_1} == {"earlier_round"}
-    assert json.loads((run / "round_1" / "sft" / "_manifest.json").read_text())["steps"]["total_steps"] > 0
+    assert_training_resumed_at_its_checkpoint(killed_run)
 
     for r in (0, 1):
         plan = json.loads((run / f"round_{r}" / "plan" / "_manifest.json").read_text())
@@ -233,14 +264,63 @@ def test_a_run_killed_in_round_1_finishes_both_rounds_when_run_again(killed_run)
     # the console: a line per stage, each round's summary and the result; what Ray, vLLM, DeepSpeed and
     # transformers print goes to the run's log
     first = (run.parent / "killed.log").read_text()       # round 0, and round 1 up to the kill
-    for console in (first, resumed.stdout + resumed.stderr):
+    second = (run.parent / "killed-in-training.log").read_text()
+    for console in (first, second, resumed.stdout + resumed.stderr):
         assert len(console.splitlines()) <= 45 and not THIRD_PARTY.search(console), console
     assert all(f"round 0: {stage} done in" in first for stage in STAGES) and "== round 0 ==" in first
     assert "round 1: train done in" in resumed.stdout and "run finished: 2 round(s)" in resumed.stdout
     log = (run / "logs" / "run.log").read_text()
-    # three invocations appended to it: the killed one, the resumed one, and the one that found nothing to do
-    assert log.count("== tapir run ") == 3 and str(run / "logs" / "run.log") in first
+    # four invocations appended to it: the two killed ones, the resumed one, and the one that found nothing to do
+    assert log.count("== tapir run ") == 4 and str(run / "logs" / "run.log") in first
     assert "(RayTrainWorker pid=" in log and "vllm" in log and "deepspeed" in log.lower()
+
+
+def assert_training_resumed_at_its_checkpoint(killed_run: KilledRun) -> None:
+    """Round 1's training, killed after its third step, resumed at the checkpoint taken before the kill (not step
+    0) and redid each step from the same weights on the same sequences; the model it exported is whole."""
+    run, steps_before = killed_run.run, killed_run.steps_at_training_kill
+    manifest = json.loads((run / "round_1" / "sft" / "_manifest.json").read_text())
+    total = manifest["steps"]["total_steps"]
+    resumed_log = (run / "logs" / "run.log").read_text().split("== tapir run ")[3]
+    resumed_at = int(resumed_log.split("resuming at step ")[1].split()[0])
+    assert 2 <= resumed_at <= max(steps_before) < total
+    records = step_records(run, 1)
+    assert [r["step"] for r in records] == steps_before + list(range(resumed_at + 1, total + 1))
+    assert records[len(steps_before)]["epoch"] > records[resumed_at - 1]["epoch"] > 0
+    for redone in records[len(steps_before):]:
+        if redone["step"] in steps_before:
+            before = records[steps_before.index(redone["step"])]
+            assert (redone["real_tokens"], redone["loss"]) == (before["real_tokens"], pytest.approx(before["loss"]))
+    assert manifest["complete"] and manifest["training"]["steps_done"] == total
+    evals = manifest["eval"]                       # eval_fraction: held-out perplexity before and after
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == total and evals[-1]["perplexity"] > 1
+    trainable = manifest["data"]["rows_trainable"]
+    assert trainable["eval"] > 0 and trainable["train"] + trainable["eval"] + manifest["data"][
+        "rows_over_max_len"] == manifest["data"]["rows_in"]
+
+    model = run / "round_1" / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= \
+        {p.name for p in model.iterdir()}
+    trained = load_file(model / "model.safetensors")
+    before = load_file(run / "round_0" / "model" / "model.safetensors")
+    assert trained.keys() == before.keys()                        # tied weights saved once, as in the base
+    assert trained["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+    # the last round's model answered in vLLM; round 0's was loaded by round 1's scoring instead
+    assert manifest["smoke"][0]["status"] == "ok" and manifest["smoke"][0]["response"].strip()
+    first_round = json.loads((run / "round_0" / "sft" / "_manifest.json").read_text())
+    assert first_round["smoke"] is None and "round 1's scoring" in first_round["smoke_skipped_because"]
+    sft = run / "round_1" / "sft"
+    assert (sft / "loss.png").stat().st_size > 10_000
+    assert any(p.stat().st_size > 0 for p in (sft / "tensorboard").glob("events.out.tfevents.*"))
+    checkpoints = run / "round_1" / "checkpoint" / "train"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())       # deleted once the model is in
+    # `tapir train` shows the same summary, and trains a finished round no more
+    summary = format_summary(manifest)
+    assert "held-out perplexity" in summary and "vLLM smoke answer" in summary
+    assert "no vLLM smoke answer: round 1's scoring loads it in vLLM" in format_summary(first_round)
+    again = tapir("train", str(killed_run.config), "--round", "1", env=killed_run.env, timeout=300)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stdout + again.stderr[-2000:]
 
 
 @pytest.mark.timeout(1800)     # a baseline's training and four models' evaluations
