@@ -53,6 +53,7 @@ from pathlib import Path
 
 import psutil
 import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,7 +296,7 @@ def kill_and_resume(work: Path, rows: int, command: list[str], log) -> dict:
     while process.poll() is None:
         time.sleep(1)
         files = scored_files(work)
-        written = sum(pa.parquet.read_metadata(work / "run" / "round_0" / "score" / f).num_rows for f in files) \
+        written = sum(pq.read_metadata(work / "run" / "round_0" / "score" / f).num_rows for f in files) \
             if files else 0
         if written >= rows // 2:
             expected_files = len(files)
@@ -306,7 +307,7 @@ def kill_and_resume(work: Path, rows: int, command: list[str], log) -> dict:
     process.wait()
     time.sleep(3)
     before = scored_files(work)
-    rows_before = sum(pa.parquet.read_metadata(work / "run" / "round_0" / "score" / f).num_rows for f in before)
+    rows_before = sum(pq.read_metadata(work / "run" / "round_0" / "score" / f).num_rows for f in before)
     (work / "stages.jsonl").unlink(missing_ok=True)
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
