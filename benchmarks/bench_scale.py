@@ -288,6 +288,15 @@ def scored_files(work: Path) -> set[str]:
     return {p.name for p in (work / "run" / "round_0" / "score").glob("*.parquet")}
 
 
+def scored_rows(work: Path, files: set[str]) -> int:
+    """Rows in the scored files whose footer is written; a file still being written is counted at the next look."""
+    rows = 0
+    for name in files:
+        with contextlib.suppress(pa.ArrowInvalid, FileNotFoundError):
+            rows += pq.read_metadata(work / "run" / "round_0" / "score" / name).num_rows
+    return rows
+
+
 def kill_and_resume(work: Path, rows: int, command: list[str], log) -> dict:
     """SIGKILL of the command in the middle of its scoring job (about half the pool's rows written), then the same
     command again: seconds until its first new file of scored rows, and the peak memory of the resumed command."""
@@ -296,8 +305,7 @@ def kill_and_resume(work: Path, rows: int, command: list[str], log) -> dict:
     while process.poll() is None:
         time.sleep(1)
         files = scored_files(work)
-        written = sum(pq.read_metadata(work / "run" / "round_0" / "score" / f).num_rows for f in files) \
-            if files else 0
+        written = scored_rows(work, files)
         if written >= rows // 2:
             expected_files = len(files)
             break
@@ -307,7 +315,7 @@ def kill_and_resume(work: Path, rows: int, command: list[str], log) -> dict:
     process.wait()
     time.sleep(3)
     before = scored_files(work)
-    rows_before = sum(pq.read_metadata(work / "run" / "round_0" / "score" / f).num_rows for f in before)
+    rows_before = scored_rows(work, before)
     (work / "stages.jsonl").unlink(missing_ok=True)
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -37,8 +37,8 @@ def init_ray(config: RayConfig, min_cpus: int = 1) -> None:
         _start_local_ray(num_cpus, config.namespace)
     ray.data.DataContext.get_current().enable_progress_bars = True
     # Ray Data 2.60's default Parquet reader (datasource V2) spends a constant 7-12 s listing even one local file:
-    # its ListFiles task waits with next to no CPU. V1, still Ray's documented alternative, reads the same in
-    # 0.2 s (benchmarks/bench_parquet_read.py). Every stage's job starts with a read, as do Ray Train's datasets.
+    # its ListFiles task waits with next to no CPU. V1, still Ray's documented alternative, read the same in
+    # 0.6 s (benchmarks/bench_parquet_read.py). Every stage's job starts with a read, as do Ray Train's datasets.
     ray.data.DataContext.get_current().use_datasource_v2 = False
 
 
