@@ -10,8 +10,10 @@ The driver builds the table from a few small columns of each row, never the answ
 """
 from __future__ import annotations
 
-from typing import Optional
+import itertools
+from typing import Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline import store
@@ -67,7 +69,7 @@ def ifd_status(row: dict, misaligned_above: Optional[float]) -> tuple[str, Optio
     return "ok", None
 
 
-def ifd_ranks(config: RunConfig, rows: list[dict]) -> dict[str, Optional[bool]]:
+def ifd_ranks(config: RunConfig, rows: Iterable[dict]) -> dict[str, Optional[bool]]:
     """IFD verdicts of the rows scored ok; None for those in the hybrid band, which the judge decides."""
     curriculum = config.curriculum
     band = curriculum.hybrid_band if method(config) == "hybrid" else 0.0
@@ -77,31 +79,26 @@ def ifd_ranks(config: RunConfig, rows: list[dict]) -> dict[str, Optional[bool]]:
 
 def band_ids(config: RunConfig, scored: pa.Table) -> list[str]:
     """Hybrid: the rows the judge decides (their IFD is nearest the round's hard/easy boundary)."""
-    return sorted(row_id for row_id, verdict in ifd_ranks(config, scored.select(_IFD_COLUMNS).to_pylist()).items()
+    return sorted(row_id for row_id, verdict in ifd_ranks(config, _rows(scored.select(_IFD_COLUMNS))).items()
                   if verdict is None)
 
 
 def verdicts(config: RunConfig, scored: pa.Table, judged: Optional[pa.Table] = None) -> pa.Table:
     """One verdict row per scored row. `scored`: the score step's rows (score_columns); `judged`: hybrid's band
     rows as the judge stage left them (JUDGE_COLUMNS)."""
-    curriculum = config.curriculum
-    rows = scored.select(score_columns(config)).to_pylist()
-    out = []
+    scored = scored.select(score_columns(config))
     if method(config) == "judge":
-        for row in rows:
-            hard = is_hard(row["mfd"], curriculum.mfd_threshold) if row["status"] == "ok" else None
-            out.append((row["id"], row["mfd"], hard, "judge", row["status"], row["error"]))
-    else:
-        out = _ifd_verdicts(config, rows, judged)
-    return pa.Table.from_pylist([dict(zip(VERDICT_SCHEMA.names, values)) for values in out], VERDICT_SCHEMA)
+        threshold = config.curriculum.mfd_threshold
+        return _verdict_table((row["id"], row["mfd"], is_hard(row["mfd"], threshold) if row["status"] == "ok" else None,
+                               "judge", row["status"], row["error"]) for row in _rows(scored))
+    return _verdict_table(_ifd_verdicts(config, scored, judged))
 
 
-def _ifd_verdicts(config: RunConfig, rows: list[dict], judged: Optional[pa.Table]) -> list[tuple]:
+def _ifd_verdicts(config: RunConfig, scored: pa.Table, judged: Optional[pa.Table]) -> Iterator[tuple]:
     curriculum = config.curriculum
-    ranks = ifd_ranks(config, rows)
-    out = []
+    ranks = ifd_ranks(config, _rows(scored))
     band = {row["id"]: row for row in judged.select(JUDGE_COLUMNS[:4]).to_pylist()} if judged is not None else {}
-    for row in rows:
+    for row in _rows(scored):
         status, error = ifd_status(row, curriculum.ifd_misaligned_above)
         hard, source = ranks.get(row["id"]), "ifd"
         if status == "ok" and hard is None:             # in the hybrid band: the judge's MFD decides
@@ -112,21 +109,39 @@ def _ifd_verdicts(config: RunConfig, rows: list[dict], judged: Optional[pa.Table
                 status, error = judge["status"], judge["error"]
             else:
                 hard, source = is_hard(judge["mfd"], curriculum.mfd_threshold), "judge"
-        out.append((row["id"], row["ifd"], hard if status == "ok" else None, source, status, error))
-    return out
+        yield row["id"], row["ifd"], hard if status == "ok" else None, source, status, error
 
 
-def distribution(values: list[float], measure_name: str) -> dict:
+# Rows become Python dicts a batch at a time: at a million rows, dicts of them all would take the driver about a
+# gigabyte (benchmarks/bench_verdicts_memory.py).
+_BATCH_ROWS = 65_536
+
+
+def _rows(table: pa.Table) -> Iterator[dict]:
+    for batch in table.to_batches(max_chunksize=_BATCH_ROWS):
+        yield from batch.to_pylist()
+
+
+def _verdict_table(rows: Iterable[tuple]) -> pa.Table:
+    rows, batches = iter(rows), []
+    while chunk := list(itertools.islice(rows, _BATCH_ROWS)):
+        batches.append(pa.RecordBatch.from_arrays(
+            [pa.array(values, kind) for values, kind in zip(zip(*chunk), VERDICT_SCHEMA.types)], schema=VERDICT_SCHEMA))
+    return pa.Table.from_batches(batches, VERDICT_SCHEMA)
+
+
+def distribution(values: Sequence[float], measure_name: str) -> dict:
     """Quantiles and a histogram of a round's difficulty scores (for the summaries and the report)."""
-    if not values:
+    if not len(values):
         return {"measure": measure_name, "rows": 0}
-    ordered = sorted(values)
-    quantile = {f"p{int(q * 100)}": round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-                for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(ordered)
+    quantile = {f"p{int(q * 100)}": round(float(ordered[min(n - 1, int(q * n))]), 3) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
     edges = BINS[measure_name]
-    histogram = {f"({low:g}, {high:g}]": sum(low < value <= high for value in values)
-                 for low, high in zip(edges, edges[1:])}
-    return {"measure": measure_name, "rows": len(values), "mean": round(sum(values) / len(values), 3), **quantile,
+    # (low, high]: values above low, up to and including high
+    above = np.searchsorted(ordered, edges, side="right")
+    histogram = {f"({low:g}, {high:g}]": int(above[k + 1] - above[k]) for k, (low, high) in enumerate(zip(edges, edges[1:]))}
+    return {"measure": measure_name, "rows": n, "mean": round(float(ordered.sum() / n), 3), **quantile,
             "histogram": histogram}
 
 

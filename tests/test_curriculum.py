@@ -23,7 +23,7 @@ from pipeline.curriculum import (
     total_variation,
 )
 from pipeline.difficulty import band_ids, verdicts, write_verdicts
-from pipeline.scoring import score_location
+from pipeline.scoring import score_location, summarise, summary_rows
 
 
 def by_mfd(mfd: list) -> list:
@@ -296,3 +296,22 @@ def test_hybrid_asks_the_judge_only_about_the_band_and_takes_its_verdict_there(t
     assert [table[i]["difficulty_source"] for i in band[:3]] == ["judge"] * 3
     assert table["r07"]["hard"] is False and table["r12"]["hard"] is True      # outside the band IFD decides
     assert sum(row["difficulty_source"] == "judge" for row in table.values()) == 3
+
+    # the round's summary counts the judge's usage on the band's rows only, a row written twice at its larger usage
+    usage = {"student_tokens": [30, 31, 32, 33], "judge_prompt_tokens": [100, 101, 102, 103],
+             "judge_completion_tokens": [5, 6, 7, 8]}
+    band_rows = pa.concat_tables([judged.append_column("student_tokens", pa.array(usage["student_tokens"]))
+                                  .append_column("judge_prompt_tokens", pa.array(usage["judge_prompt_tokens"]))
+                                  .append_column("judge_completion_tokens", pa.array(usage["judge_completion_tokens"]))]
+                                 * 2)
+    teacher = {"teacher_prompt_tokens": list(range(20)), "teacher_completion_tokens": [1] * 20}
+    scored = scored.append_column("teacher_prompt_tokens", pa.array(teacher["teacher_prompt_tokens"])) \
+        .append_column("teacher_completion_tokens", pa.array(teacher["teacher_completion_tokens"]))
+    rows = {row["id"]: row for row in summary_rows(verdicts(config, scored, band_rows), scored, band_rows).to_pylist()}
+    assert [i for i, row in sorted(rows.items()) if row["judged"]] == band
+    assert [rows[i]["judge_prompt_tokens"] for i in band] == usage["judge_prompt_tokens"]
+    assert rows["r07"]["judge_prompt_tokens"] == 0 and rows["r07"]["teacher_prompt_tokens"] == 7
+    summary = summarise(config, 0, 20, summary_rows(verdicts(config, scored, band_rows), scored, band_rows), [], {},
+                        {})
+    assert summary["judged_rows"] == 4 and summary["tokens"]["judge"] == {"prompt": 406, "completion": 26}
+    assert summary["tokens"]["teacher"] == {"prompt": sum(range(20)), "completion": 20}

@@ -153,7 +153,7 @@ def scored(ids: list[str], statuses: list[str], mfds: list) -> pa.Table:
                      "mfd": pa.array(mfds, pa.float32()), "student_tokens": [10] * n,
                      "teacher_prompt_tokens": [100] * n, "teacher_completion_tokens": [50] * n,
                      "judge_prompt_tokens": [1000] * n, "judge_completion_tokens": [20] * n})
-    return summary_rows(verdicts(config, rows), rows, rows)
+    return summary_rows(verdicts(config, rows), rows, None)
 
 
 def test_the_summary_counts_failures_tokens_and_cost_and_flags_duplicates():
@@ -170,6 +170,32 @@ def test_the_summary_counts_failures_tokens_and_cost_and_flags_duplicates():
 
     twice = summarise(config, 0, 3, scored(["a", "a", "b"], ["ok"] * 3, [1.0] * 3), [], {}, {"wall_s": 1.0})
     assert not twice["complete"] and twice["duplicate_rows"] == 1
+
+
+def test_verdicts_and_usage_stay_with_their_rows_through_a_large_round():
+    """More rows than the driver turns into Python objects at once (difficulty._BATCH_ROWS): the verdicts keep the
+    scored rows' order, so each row's usage is taken by position, and the summary counts every row."""
+    config = RunConfig()
+    n = 70_001
+    failed = [k % 7 == 0 for k in range(n)]
+    mfds = [None if bad else float(k % 9 - 4) for k, bad in enumerate(failed)]
+    rows = pa.table({"id": [f"r{(k * 7919) % n:06d}" for k in range(n)],
+                     "status": ["judge_unparseable" if bad else "ok" for bad in failed],
+                     "error": [("no score in the reply" if bad else None) for bad in failed],
+                     "mfd": pa.array(mfds, pa.float32()), "student_tokens": list(range(n)),
+                     "teacher_prompt_tokens": list(range(n)), "teacher_completion_tokens": [1] * n,
+                     "judge_prompt_tokens": [2 * k for k in range(n)], "judge_completion_tokens": [1] * n})
+    table = summary_rows(verdicts(config, rows), rows, None)
+    assert table.column("id").to_pylist() == rows.column("id").to_pylist()
+    expected = [None if mfd is None else mfd >= config.curriculum.mfd_threshold for mfd in mfds]
+    assert table.column("hard").to_pylist() == expected
+    assert table.column("judge_prompt_tokens").to_pylist() == [2 * k for k in range(n)]
+    summary = summarise(config, 0, n, table, [], {}, {})
+    assert summary["complete"] and summary["failed"] == {"judge_unparseable": sum(failed)}
+    assert summary["hard_rows"] == sum(v is True for v in expected)
+    assert summary["easy_rows"] == sum(v is False for v in expected)
+    assert summary["tokens"]["teacher"] == {"prompt": n * (n - 1) // 2, "completion": n}
+    assert summary["difficulty"]["rows"] == n - sum(failed)
 
 
 def test_a_budget_or_key_error_inside_a_stage_reaches_the_user_unwrapped():
