@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 PLAN = "plan"
 TRAIN = "train"
 _PLAN_FILE = "plan.parquet"
-_SCORED_COLUMNS = ["id", "instruction", "input", "task"]
+# What planning reads of every scored row; the texts are read for the planned rows only (at 10M rows they would
+# be about 4 GB on the driver).
+_SCORED_COLUMNS = ["id", "task"]
 
 
 class PlanError(UserError, ValueError):
@@ -65,7 +67,14 @@ def plan(config: RunConfig, round_index: int) -> dict:
         log.warning("round %d plan: %s", round_index, warning)
     copies = Counter(chosen.indices)
     unique = sorted(copies)
-    table = scored.select(["id", "instruction", "input", "task", "difficulty_score", "difficulty_source"]).take(unique)
+    table = scored.select(["id", "task", "difficulty_score", "difficulty_source"]).take(unique)
+    texts = store.read_table(score_location(config, round_index), ["id", "instruction", "input"],
+                             pc.field("id").isin(table.column("id")))
+    table = table.join(texts, "id").sort_by("id").select(
+        ["id", "instruction", "input", "task", "difficulty_score", "difficulty_source"])
+    if table.num_rows != len(unique):
+        raise RuntimeError(f"{score_location(config, round_index).uri}: {len(unique)} planned rows, but their texts "
+                           f"were found for {table.num_rows}: the scored rows changed while the round was planned")
     table = table.append_column("difficulty", pa.array(["hard" if hard[i] else "easy" for i in unique], pa.string()))
     table = table.append_column("copies", pa.array([copies[i] for i in unique], pa.int32()))
     store.write_parquet(out, _PLAN_FILE, table)

@@ -161,12 +161,14 @@ def copy_dir(local_dir: str, location: Location) -> None:
                     destination_filesystem=location.fs)
 
 
-def read_table(location: Location, columns: Optional[list[str]] = None) -> Optional[pa.Table]:
-    """Every Parquet file directly in the directory as one table; None when there is none."""
+def read_table(location: Location, columns: Optional[list[str]] = None,
+               rows: Optional[pads.Expression] = None) -> Optional[pa.Table]:
+    """Every Parquet file directly in the directory as one table (only the `rows` matching that expression, when
+    given: the others are never held); None when there is none."""
     files = location.list_files(".parquet")
     if not files:
         return None
-    return pads.dataset(files, filesystem=location.fs, format="parquet").to_table(columns=columns)
+    return pads.dataset(files, filesystem=location.fs, format="parquet").to_table(columns=columns, filter=rows)
 
 
 def read_parquet_file(location: Location, name: str) -> Optional[pa.Table]:
