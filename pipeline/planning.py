@@ -50,7 +50,14 @@ def plan(config: RunConfig, round_index: int) -> dict:
                         "verdicts; score the round (tapir score) before planning it")
     # the scored rows with their verdicts, by id order, so the plan does not depend on the order Ray Data wrote
     # the files in
-    scored = store.read_table(score_location(config, round_index), _SCORED_COLUMNS).join(verdicts, "id")
+    scored = store.read_table(score_location(config, round_index), _SCORED_COLUMNS)
+    if scored.column("id").equals(verdicts.column("id")):
+        # written from these files in this order (scoring._write_verdicts): joined by position, without the hash
+        # join's 330 MB at a million rows
+        for name in verdicts.column_names[1:]:
+            scored = scored.append_column(name, verdicts.column(name))
+    else:
+        scored = scored.join(verdicts, "id")
     scored = scored.take(pc.sort_indices(scored, [("id", "ascending")]))
     hard = scored.column("hard").to_pylist()
     tasks = scored.column("task").to_pylist()

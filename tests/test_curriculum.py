@@ -283,6 +283,22 @@ def test_ifd_verdicts_mark_misaligned_and_failed_rows_with_a_reason_and_plan_the
     assert all((row["difficulty"] == "hard") == (row["difficulty_score"] > 0.45) for row in planned)
 
 
+def test_the_plan_is_the_same_whether_the_verdicts_line_up_with_the_scored_files_or_not(tmp_path):
+    """Verdicts written from the scored files in their order are joined by position; any others by id."""
+    ifd = [0.05 * i for i in range(16)]
+    plans = []
+    for order in ("same", "reversed"):
+        config, scored = ifd_scored(tmp_path / order, ifd, "ifd", rows_per_round=8)
+        store.write_parquet(score_location(config, 0), "part-0.parquet", scored.slice(0, 9))
+        store.write_parquet(score_location(config, 0), "part-1.parquet", scored.slice(9))
+        verdict = verdicts(config, scored)
+        write_verdicts(config, 0, verdict if order == "same" else verdict.take(list(reversed(range(16)))))
+        planning.plan(config, 0)
+        plans.append(planning.read_plan(config, 0))
+    assert plans[0].equals(plans[1]) and plans[0].num_rows > 0
+    assert plans[0].column("instruction").to_pylist() == [f"Question {int(i[1:])}?" for i in plans[0].column("id").to_pylist()]
+
+
 def test_hybrid_asks_the_judge_only_about_the_band_and_takes_its_verdict_there(tmp_path):
     ifd = [i / 20 for i in range(20)]
     config, scored = ifd_scored(tmp_path, ifd, "hybrid", hybrid_band=0.2)
