@@ -7,6 +7,7 @@ import logging
 from collections import Counter
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -51,6 +52,7 @@ def plan(config: RunConfig, round_index: int) -> dict:
     # the scored rows with their verdicts, by id order, so the plan does not depend on the order Ray Data wrote
     # the files in
     scored = store.read_table(score_location(config, round_index), _SCORED_COLUMNS)
+    scored = scored.append_column("position", pa.array(np.arange(scored.num_rows)))     # where its texts are
     if scored.column("id").equals(verdicts.column("id")):
         # written from these files in this order (scoring._write_verdicts): joined by position, without the hash
         # join's 330 MB at a million rows
@@ -74,14 +76,18 @@ def plan(config: RunConfig, round_index: int) -> dict:
         log.warning("round %d plan: %s", round_index, warning)
     copies = Counter(chosen.indices)
     unique = sorted(copies)
-    table = scored.select(["id", "task", "difficulty_score", "difficulty_source"]).take(unique)
-    texts = store.read_table(score_location(config, round_index), ["id", "instruction", "input"],
-                             pc.field("id").isin(table.column("id")))
-    table = table.join(texts, "id").sort_by("id").select(
-        ["id", "instruction", "input", "task", "difficulty_score", "difficulty_source"])
-    if table.num_rows != len(unique):
-        raise RuntimeError(f"{score_location(config, round_index).uri}: {len(unique)} planned rows, but their texts "
-                           f"were found for {table.num_rows}: the scored rows changed while the round was planned")
+    table = scored.select(["id", "task", "difficulty_score", "difficulty_source", "position"]).take(unique)
+    # the planned rows' texts, read in the files' order and put back in the plan's
+    in_file_order = pc.sort_indices(table.column("position"))
+    texts = store.read_rows(score_location(config, round_index), ["id", "instruction", "input"],
+                            table.column("position").take(in_file_order).combine_chunks())
+    texts = texts.take(pc.sort_indices(in_file_order))
+    if not texts.column("id").equals(table.column("id")):
+        raise RuntimeError(f"{score_location(config, round_index).uri}: the scored files changed while round "
+                           f"{round_index} was planned; plan it again")
+    table = pa.table({"id": table.column("id"), "instruction": texts.column("instruction"),
+                      "input": texts.column("input"), **{name: table.column(name) for name in
+                                                         ("task", "difficulty_score", "difficulty_source")}})
     table = table.append_column("difficulty", pa.array(["hard" if hard[i] else "easy" for i in unique], pa.string()))
     table = table.append_column("copies", pa.array([copies[i] for i in unique], pa.int32()))
     store.write_parquet(out, _PLAN_FILE, table)
