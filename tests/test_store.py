@@ -76,6 +76,18 @@ def test_parquet_parts_read_back_as_one_table_and_the_manifest_is_not_a_part(roo
     assert store.read_parquet_file(stage, "part-1.parquet").to_pylist() == [{"id": "c", "mfd": 0.5}]
 
 
+def test_rows_read_by_position_come_from_the_files_that_hold_them_in_the_tables_order(root):
+    stage = root.child("round_0", "score")
+    store.write_parquet(stage, "part-0.parquet", pa.table({"id": ["a", "b"], "mfd": [1.0, None]}))
+    store.write_parquet(stage, "part-1.parquet", pa.table({"id": pa.array([], pa.string()),
+                                                           "mfd": pa.array([], pa.float64())}))
+    store.write_parquet(stage, "part-2.parquet", pa.table({"id": ["c", "d", "e"], "mfd": [0.5, None, 2.0]}))
+    whole = store.read_table(stage)
+    assert whole.column("id").to_pylist() == ["a", "b", "c", "d", "e"]        # the files' order, kept
+    assert store.read_rows(stage, ["id"], pa.array([1, 2, 4])).column("id").to_pylist() == ["b", "c", "e"]
+    assert store.read_rows(stage, ["id", "mfd"], pa.array([], pa.int64())).num_rows == 0
+
+
 def test_a_write_that_fails_half_way_leaves_no_file(root):
     def half_then_fail(out):
         out.write(b"PAR1 half a file")
