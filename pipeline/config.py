@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
+from pipeline.llm.prompts import prompt_template
 
 BUNDLED_STUDENT = "bundled:smollm2-135m-instruct"
 BUNDLED_ENCODER = "bundled:all-minilm-l6-v2"
@@ -343,6 +344,14 @@ class ExpansionConfig(Section):
     rouge_l_threshold: float = Field(0.7, gt=0, le=1, description=(
         "A new instruction whose ROUGE-L against the pool or a kept new one exceeds it is a near-duplicate."))
 
+    @field_validator("hard_prompt", "easy_prompt")
+    @classmethod
+    def _a_prompt_with_the_seed(cls, reference: str) -> str:
+        # said when the config is read, not inside an actor after the round's scoring was paid for
+        if "$seed" not in _prompt(reference).template:
+            raise ValueError(f"the prompt '{reference}' has no $seed where the seed goes")
+        return reference
+
 
 class RespondConfig(Section):
     """The teacher answering the round's training instructions with a style chosen by task (TAPIR)."""
@@ -354,6 +363,21 @@ class RespondConfig(Section):
     default_style: str = Field("style_detailed", description="The style of every task not listed in styles.")
     max_tokens: int = Field(1024, gt=0)
     temperature: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _every_style_resolves(self) -> "RespondConfig":
+        for reference in {*self.styles.values(), self.default_style}:
+            _prompt(reference)
+        return self
+
+
+def _prompt(reference: str):
+    """The prompt template a config names; one that cannot be read is the config's error (pydantic reports a
+    ValueError with the field's place)."""
+    try:
+        return prompt_template(reference)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
 
 
 # Training settings that change nothing of what is trained: a killed training may resume with them changed, and a

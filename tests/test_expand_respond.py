@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import planning, responding, store
-from pipeline.config import EndpointConfig, ExpansionConfig, RespondConfig, RunConfig
+from pipeline.config import ConfigError, EndpointConfig, ExpansionConfig, RespondConfig, RunConfig, load_config
 from pipeline.difficulty import verdicts, write_verdicts
 from pipeline.llm.emulated_api import EmulatedAPI, Faults
 from pipeline.llm.prompts import prompt_template
 from pipeline.llm.shared_limits import local_limits
-from pipeline.stages.expand import SeedExpander, cleaned, expansion_prompts
+from pipeline.stages.expand import SeedExpander, cleaned
 from pipeline.stages.respond import StyledAnswer, style_for
 
 KEY_ENV = "TAPIR_TEST_EXPAND_KEY"
@@ -66,11 +66,19 @@ def test_an_expansion_request_that_fails_keeps_its_row_with_the_reason(monkeypat
     assert row["expand_status"] != "ok" and "500" in row["expand_error"] and row["instruction"] == ""
 
 
-def test_a_prompt_file_without_the_seed_placeholder_is_refused_at_once(tmp_path):
+def test_a_prompt_file_without_the_seed_placeholder_or_a_style_that_is_missing_is_refused_with_the_config(tmp_path):
     prompt = tmp_path / "mine.txt"
     prompt.write_text("Write a new task.")
-    with pytest.raises(ValueError, match=r"mine.txt.*\$seed"):
-        expansion_prompts(ExpansionConfig(hard_prompt=str(prompt)))
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(f"expansion:\n  hard_prompt: {prompt}\n")
+    with pytest.raises(ConfigError, match=r"expansion.hard_prompt.*mine.txt.*\$seed"):
+        load_config(config_file)
+    config_file.write_text(f"respond:\n  styles:\n    Law: {tmp_path / 'law.txt'}\n")
+    with pytest.raises(ConfigError, match=r"respond.*law.txt: cannot read the prompt file"):
+        load_config(config_file)
+    config_file.write_text("respond:\n  default_style: style_nope\n")
+    with pytest.raises(ConfigError, match=r"respond.*no bundled prompt 'style_nope'"):
+        load_config(config_file)
     with pytest.raises(FileNotFoundError, match="no bundled prompt 'nope'.*style_code"):
         prompt_template("nope")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
