@@ -5,18 +5,28 @@
    reference in the same run, the same trainer on the sample pool's own (hand-written) categories.
 2. Throughput of the classify stage on the 4000 Alpaca rows: Ray Data with 1 and 2 actors, against
    calling the same TaskClassifier directly on the same batches with as many torch threads.
+3. --scale ROWS...: the classify stage with 2 actors on pools of each size, made as bench_scale.py makes its
+   pools, in one Ray, smallest first, with a classifier trained on the bundled sample pool's own categories
+   (throughput does not depend on what the head learned): whether rows/s holds as the pool grows, and the
+   process tree's peak memory.
 
     .venv/bin/python benchmarks/bench_classifier.py --alpaca ../shared/data/alpaca_dev_4000.jsonl
     .venv/bin/python benchmarks/bench_classifier.py --throughput-only run/classifier/model
+    .venv/bin/python benchmarks/bench_classifier.py --scale 4000 100000
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline import classification, store
 from pipeline.config import DEFAULT_TASK_TARGETS, PoolConfig, RunConfig
@@ -35,10 +45,7 @@ def agreement(alpaca: Path, label_rows: int, work: Path) -> dict:
     teacher = classification.train(config)
     pool_dir = store.locate(str(work / "sample"))
     import_pool(["bundled:sample"], pool_dir, PoolConfig(), progress=False)
-    rows = read_pool(pool_dir).to_pylist()
-    gold = train_classifier([request_text(r["instruction"], r["input"]) for r in rows],
-                            [json.loads(r["meta"])["category"] for r in rows], list(DEFAULT_TASK_TARGETS),
-                            str(bundled_encoder_dir()), config.classifier, work / "gold-model")
+    gold = sample_pool_classifier(work, config)
     keep = ("train_rows", "held_out_rows", "accuracy", "macro_f1", "train_s")
     return {"teacher_labelling": {"rows": labelled.sampled, "labelled": labelled.labelled,
                                   "failed": dict(labelled.failed), "seconds": round(label_s, 1),
@@ -46,6 +53,58 @@ def agreement(alpaca: Path, label_rows: int, work: Path) -> dict:
             "on_teacher_labels": {k: teacher[k] for k in keep},
             "on_sample_pool_categories": {k: gold[k] for k in keep},
             "confusion_png": str(classification.classifier_dir(config) / "confusion.png")}
+
+
+def sample_pool_classifier(work: Path, config: RunConfig) -> dict:
+    """The bundled MiniLM fine-tuned on the bundled sample pool's hand-written categories (work/gold-model)."""
+    pool_dir = store.locate(str(work / "sample"))
+    import_pool(["bundled:sample"], pool_dir, PoolConfig(), progress=False)
+    rows = read_pool(pool_dir).to_pylist()
+    return train_classifier([request_text(r["instruction"], r["input"]) for r in rows],
+                            [json.loads(r["meta"])["category"] for r in rows], list(DEFAULT_TASK_TARGETS),
+                            str(bundled_encoder_dir()), config.classifier, work / "gold-model")
+
+
+def at_scale(sizes: list[int], work: Path) -> dict:
+    import psutil
+    import ray
+    import ray.data
+    from bench_scale import write_pool
+
+    from pipeline.config import ClassifierConfig
+    from pipeline.stages.classify import classify
+
+    sample_pool_classifier(work, RunConfig())
+    config = ClassifierConfig(num_actors=2)
+    results = {"actors": config.num_actors, "batch_size": config.batch_size, "sizes": []}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().use_datasource_v2 = False       # as pipeline.ray_runtime.init_ray sets it
+    for rows in sorted(sizes):
+        write_pool(work / f"pool-{rows}.jsonl", rows)
+        pool_dir = store.locate(str(work / f"pool-{rows}"))
+        import_pool([str(work / f"pool-{rows}.jsonl")], pool_dir, PoolConfig(), progress=False)
+        peak, done = 0, threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(1.0):
+                tree = [psutil.Process()] + psutil.Process().children(recursive=True)
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.perf_counter()
+        count = classify(ray.data.read_parquet(pool_dir.path, file_extensions=["parquet"]),
+                         str(work / "gold-model"), config).count()
+        seconds = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        assert count == rows
+        results["sizes"].append({"rows": rows, "seconds": round(seconds, 1), "rows_per_s": round(rows / seconds, 1),
+                                 "rows_per_s_per_actor": round(rows / seconds / config.num_actors, 1),
+                                 "peak_rss_all_processes_mb": round(peak / 2 ** 20)})
+        print(json.dumps(results["sizes"][-1]), flush=True)
+    ray.shutdown()
+    return results
 
 
 def throughput(model_dir: Path, alpaca: Path, work: Path) -> dict:
@@ -89,10 +148,16 @@ def main() -> None:
     parser.add_argument("--label-rows", type=int, default=600)
     parser.add_argument("--throughput-only", type=Path, metavar="MODEL_DIR",
                         help="measure only the stage's throughput, with this trained classifier")
+    parser.add_argument("--scale", type=int, nargs="+", metavar="ROWS",
+                        help="measure only the stage with 2 actors on generated pools of these sizes")
     args = parser.parse_args()
-    report = {"machine": f"{platform.node()} {platform.machine()}"}
+    report = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.scale:
+            report["scale"] = at_scale(args.scale, work)
+            print(json.dumps(report, indent=2))
+            return
         if args.throughput_only:
             model_dir = args.throughput_only
         else:
