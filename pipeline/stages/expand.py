@@ -32,17 +32,13 @@ def cleaned(text: str) -> str:
     return text
 
 
-def expansion_prompts(expansion: ExpansionConfig) -> dict[str, str]:
-    """The hard and easy prompt templates' references (ExpansionConfig checked that each has `$seed`)."""
-    return {"hard": expansion.hard_prompt, "easy": expansion.easy_prompt}
-
-
 class SeedExpander(EndpointStage):
     """Async Ray Data callable class: adds `instruction`, `input` and the `expand_*` reply columns."""
 
     def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits, expansion: ExpansionConfig):
         super().__init__(endpoint, base_url, model, limits, "teacher")
-        self.templates = {d: prompt_template(r) for d, r in expansion_prompts(expansion).items()}
+        # ExpansionConfig checked that each prompt reads and has `$seed`
+        self.templates = {"hard": prompt_template(expansion.hard_prompt), "easy": prompt_template(expansion.easy_prompt)}
         self.max_tokens, self.temperature = expansion.max_tokens, expansion.temperature
 
     def _request(self, row: dict) -> ChatRequest:
