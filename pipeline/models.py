@@ -241,3 +241,22 @@ def local_model(model: Model) -> str:
             shutil.rmtree(staging, ignore_errors=True)
         log.info("copied %s to %s in %.1f s", location.uri, target, time.perf_counter() - started)
     return str(target)
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this machine's CPU has bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def engine_dtype(dtype: str, on_gpu: bool) -> str:
+    """An engine's `dtype` setting as vLLM is given it: 'auto' means the model's own dtype (the bundled student's
+    is bf16), except on a CPU without bf16 arithmetic, where it means float32. There vLLM's bf16 matmuls are
+    emulated: on the project's 2-core AVX2 machines the bundled student prefilled 1587 tokens in 19 s in bf16
+    and 2.9 s in float32."""
+    if dtype != "auto" or on_gpu or cpu_computes_bf16():
+        return dtype
+    return "float32"

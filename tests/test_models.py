@@ -94,3 +94,18 @@ def test_the_bundled_encoder_embeds_text_offline(monkeypatch):
     vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     similar, different = (vectors[0] @ vectors[1]).item(), (vectors[0] @ vectors[2]).item()
     assert similar > different
+
+
+def test_an_engine_on_a_cpu_without_bf16_arithmetic_runs_in_float32_unless_told_otherwise(monkeypatch):
+    from pipeline import models
+    from pipeline.config import StudentConfig
+    from pipeline.stages.student import engine_kwargs
+
+    monkeypatch.setattr(models, "cpu_computes_bf16", lambda: False)
+    assert models.engine_dtype("auto", on_gpu=False) == "float32"
+    assert models.engine_dtype("auto", on_gpu=True) == "auto"             # a GPU does bf16 itself
+    assert models.engine_dtype("bfloat16", on_gpu=False) == "bfloat16"    # an explicit choice is kept
+    assert engine_kwargs(StudentConfig(), "/m")["dtype"] == "float32"
+    assert engine_kwargs(StudentConfig(num_gpus_per_actor=1), "/m")["dtype"] == "auto"
+    monkeypatch.setattr(models, "cpu_computes_bf16", lambda: True)
+    assert models.engine_dtype("auto", on_gpu=False) == "auto"

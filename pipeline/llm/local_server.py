@@ -25,6 +25,7 @@ from typing import Optional
 from pipeline.config import LocalServerConfig, VllmEngineConfig
 from pipeline.errors import UserError
 from pipeline.llm.secret import Secret
+from pipeline.models import engine_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,10 @@ def _free_port(host: str) -> int:
 
 def engine_cli_args(engine: VllmEngineConfig) -> list[str]:
     """The `vllm serve` flags for an engine config (extra_args become --flag value)."""
-    args = ["--max-model-len", str(engine.max_model_len), "--dtype", engine.dtype,
+    import torch
+
+    args = ["--max-model-len", str(engine.max_model_len),
+            "--dtype", engine_dtype(engine.dtype, on_gpu=torch.cuda.is_available()),
             "--tensor-parallel-size", str(engine.tensor_parallel_size)]
     if engine.enforce_eager:
         args.append("--enforce-eager")

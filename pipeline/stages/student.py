@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipeline.config import StudentConfig
 from pipeline.llm.judge import request_text
-from pipeline.models import Model, local_model
+from pipeline.models import Model, engine_dtype, local_model
 from pipeline.stages.columns import check_columns, with_columns
 
 REQUIRED_COLUMNS = ("id", "instruction", "input")
@@ -24,7 +24,8 @@ OUTPUT_COLUMNS = ("student_response", "student_tokens", "student_status", "stude
 
 def engine_kwargs(config: StudentConfig, model_dir: str) -> dict[str, Any]:
     engine = config.engine
-    kwargs = {"model": model_dir, "max_model_len": engine.max_model_len, "dtype": engine.dtype,
+    kwargs = {"model": model_dir, "max_model_len": engine.max_model_len,
+              "dtype": engine_dtype(engine.dtype, on_gpu=bool(config.num_gpus_per_actor)),
               "enforce_eager": engine.enforce_eager, "tensor_parallel_size": engine.tensor_parallel_size,
               "seed": config.sampling.seed or 0}
     if engine.tensor_parallel_size == 1:
