@@ -80,7 +80,9 @@ class RayConfig(Section):
 
 class VllmEngineConfig(Section):
     max_model_len: int = Field(2048, gt=0)
-    dtype: str = "auto"
+    dtype: str = Field("auto", description=(
+        "The engine's dtype; 'auto': the model's own, but float32 on a CPU without bf16 arithmetic (AVX512-BF16 "
+        "or AMX), where vLLM's bf16 is emulated and ~6x slower."))
     enforce_eager: bool = Field(True, description="On CPU, start-up drops from ~140 s to ~30 s.")
     tensor_parallel_size: int = Field(1, gt=0)
     gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description=(
@@ -363,6 +365,12 @@ class RespondConfig(Section):
     default_style: str = Field("style_detailed", description="The style of every task not listed in styles.")
     max_tokens: int = Field(1024, gt=0)
     temperature: float = Field(0.0, ge=0)
+    pool_answers: Literal["teacher", "reference"] = Field("teacher", description=(
+        "Whose answer a planned pool row trains on. 'teacher' (TAPIR): the teacher answers it again in its task's "
+        "style. 'reference': a row with a reference answer in the pool keeps it (no call; style 'reference'), and "
+        "the teacher answers only rows without one and the new rows. For a pool written by a stronger model than "
+        "the teacher: the local default's 135M teacher against the sample pool's hand-written answers or "
+        "Alpaca's."))
 
     @model_validator(mode="after")
     def _every_style_resolves(self) -> "RespondConfig":
@@ -424,6 +432,10 @@ class EvalConfig(Section):
     num_rows: int = Field(200, gt=0, description=(
         "Rows evaluated: the file's first num_rows. ~2 judge calls per row, plus a teacher call per row "
         "without a reference; 200 gives a win rate with a standard error of about 3.5 points."))
+    reference_loss_after_run: bool = Field(True, description=(
+        "With held_out_path set, `tapir run` ends by measuring the starting student's and the last round's "
+        "student's reference loss on the held-out rows, paired by row (RUN_DIR/heldout_loss/): one engine per "
+        "model, no API call."))
     mtbench_questions: Optional[str] = Field(None, description=(
         "`tapir eval mtbench`: questions in MT-Bench's file format (question_id, category, turns), one JSON "
         "object a line; --questions overrides it."))

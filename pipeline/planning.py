@@ -39,7 +39,8 @@ def plan_location(config: RunConfig, round_index: int) -> store.Location:
 
 
 def plan(config: RunConfig, round_index: int) -> dict:
-    """Writes `plan/plan.parquet` (each planned row once, with its `copies` and `difficulty`) and the manifest."""
+    """Writes `plan/plan.parquet` (each planned row once, with its reference `output` when the pool has one, its
+    `copies` and `difficulty`) and the manifest."""
     out = plan_location(config, round_index)
     finished = store.read_json(out, store.MANIFEST)
     if finished and finished.get("complete"):
@@ -79,14 +80,15 @@ def plan(config: RunConfig, round_index: int) -> dict:
     table = scored.select(["id", "task", "difficulty_score", "difficulty_source", "position"]).take(unique)
     # the planned rows' texts, read in the files' order and put back in the plan's
     in_file_order = pc.sort_indices(table.column("position"))
-    texts = store.read_rows(score_location(config, round_index), ["id", "instruction", "input"],
+    texts = store.read_rows(score_location(config, round_index), ["id", "instruction", "input", "output"],
                             table.column("position").take(in_file_order).combine_chunks())
     texts = texts.take(pc.sort_indices(in_file_order))
     if not texts.column("id").equals(table.column("id")):
         raise RuntimeError(f"{score_location(config, round_index).uri}: the scored files changed while round "
                            f"{round_index} was planned; plan it again")
     table = pa.table({"id": table.column("id"), "instruction": texts.column("instruction"),
-                      "input": texts.column("input"), **{name: table.column(name) for name in
+                      "input": texts.column("input"), "output": texts.column("output"),
+                      **{name: table.column(name) for name in
                                                          ("task", "difficulty_score", "difficulty_source")}})
     table = table.append_column("difficulty", pa.array(["hard" if hard[i] else "easy" for i in unique], pa.string()))
     table = table.append_column("copies", pa.array([copies[i] for i in unique], pa.int32()))
@@ -117,8 +119,9 @@ def read_plan(config: RunConfig, round_index: int) -> pa.Table:
 
 def write_training_set(config: RunConfig, round_index: int, new_rows: Optional[pa.Table], answers: pa.Table) -> dict:
     """`train/part-0.parquet`: every planned row as many times as it was planned, and every kept new row once,
-    each with the teacher's styled answer as `output`. A row the teacher could not answer is left out and
-    counted; an answer cut off at max_tokens is kept and counted."""
+    each with its answer from the respond stage as `output` (the teacher's styled answer, or the pool's reference
+    with respond.pool_answers 'reference'). A row the teacher could not answer is left out and counted; an answer
+    cut off at max_tokens is kept and counted."""
     out = training_set_location(config, round_index)
     finished = store.read_json(out, store.MANIFEST)
     if finished and finished.get("complete"):

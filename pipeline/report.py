@@ -263,6 +263,10 @@ def status_lines(state: dict) -> list[str]:
     if state.get("stopped_because"):
         lines.append(f"stopped because: {state['stopped_because']}")
     lines.append(f"last started {state.get('last_started', '?')}, state updated {state.get('updated', '?')}")
+    if state.get("heldout_loss"):
+        from pipeline.evaluation.heldout_loss import format_heldout
+
+        lines += format_heldout(state["heldout_loss"]).splitlines()
     return lines
 
 

@@ -76,16 +76,17 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     try:
         with contextlib.ExitStack() as stack:
             log_dir = _log_dir(location, stack)
+            # before Ray starts: a local teacher's key reaches the workers only through the environment they
+            # inherit from this process
             endpoints = RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack, log_dir)
-            # opened before Ray starts: a local teacher's key reaches the workers only through the environment
-            # they inherit from this process
-            endpoints.teacher(), endpoints.judge()
             init_ray(config.ray, min_cpus=max(scoring.job_cpus(config), config.training.num_workers + 3))
             # after ray.init, which installs a SIGTERM handler of its own that exits without a word
             previous_handler = signal.signal(signal.SIGTERM, _interrupt)
             limits = run_limits(config)
             for round_index in range(config.curriculum.rounds):
                 _round(config, round_index, endpoints, state, save, progress)
+            if measures_heldout(config):
+                _heldout(config, state, save)
         state["status"] = "finished"
     except StopRequested:
         location.fs.delete_file(location.child(STOP_FILE).path)      # done with: the next run goes on
@@ -139,8 +140,9 @@ def _round(config: RunConfig, r: int, endpoints: RunEndpoints, state: dict, save
     new_rows = expansion.read_new_rows(config, r)
     step("respond", lambda: responding.respond(config, r, new_rows, endpoints))
     step("train_set", lambda: planning.write_training_set(config, r, new_rows, responding.read_answers(config, r)))
-    last = r == config.curriculum.rounds - 1
-    step("train", lambda: sft.train(config, r, None if last else f"round {r + 1}'s scoring loads it in vLLM"))
+    skip_smoke = (f"round {r + 1}'s scoring loads it in vLLM" if r < config.curriculum.rounds - 1 else
+                  "the held-out reference loss loads it in vLLM" if measures_heldout(config) else None)
+    step("train", lambda: sft.train(config, r, skip_smoke))
     if "summary" not in done:
         summary = round_summary(config, r, done["summaries"])
         store.write_json(round_location(config, r), "summary.json", summary)
@@ -149,6 +151,25 @@ def _round(config: RunConfig, r: int, endpoints: RunEndpoints, state: dict, save
         console.say(text)
         done["summary"] = True
         save()
+
+
+def measures_heldout(config: RunConfig) -> bool:
+    return bool(config.eval.held_out_path) and config.eval.reference_loss_after_run
+
+
+def _heldout(config: RunConfig, state: dict, save: Callable[[], None]) -> None:
+    """The run's last step: the starting and the last student's reference loss on the held-out rows."""
+    from pipeline.evaluation.heldout_loss import format_heldout, measure
+
+    if run_dir(config).child(STOP_FILE).exists():
+        raise StopRequested()
+    state.update(stage="heldout_loss")
+    save()
+    console.progress("held-out reference loss")
+    summary = measure(config, config.curriculum.rounds - 1)
+    state["heldout_loss"] = summary
+    console.say(format_heldout(summary))
+    save()
 
 
 def _log_dir(location: store.Location, stack: contextlib.ExitStack) -> Path:

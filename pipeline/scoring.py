@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from typing import Optional
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +23,7 @@ from pipeline import jobs, store
 from pipeline.classification import (
     checkpoint_location,
     classified,
+    classifier_location,
     classifier_summary,
     ensure_classifier,
     model_location,
@@ -105,14 +106,16 @@ def score(config: RunConfig, round_index: int = 0, progress: bool = True,
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         endpoints = endpoints or RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack)
-        teacher, judge = endpoints.teacher(), endpoints.judge()
+        # before the job pays for judging: whether the judge can tell at all (paid once, kept in the run directory);
+        # with difficulty 'auto' its verdict chooses the measure (difficulty.method)
+        calibrate_now = round_index == 0 and (config.judge_calibration.enabled or config.curriculum.difficulty == "auto")
+        # a local teacher that nothing here would call is not started (a `vllm serve` start is half a minute)
+        teacher = endpoints.teacher() if needs_teacher(config, round_index, source) else None
+        judge = endpoints.judge() if calibrate_now or method(config) != "ifd" else None
         init_ray(config.ray, min_cpus=job_cpus(config))
         limits = run_limits(config)          # labelling a sample for the classifier is paid under them too
         classifier = ensure_classifier(config, teacher, limits, progress) if round_index == 0 else None
-        # before the job pays for judging: whether the judge can tell at all (paid once, kept in the run directory);
-        # with difficulty 'auto' its verdict chooses the measure (difficulty.method)
-        calibrate_now = config.judge_calibration.enabled or config.curriculum.difficulty == "auto"
-        calibration = calibrate(config, judge, limits, source) if round_index == 0 and calibrate_now else None
+        calibration = calibrate(config, judge, limits, source) if calibrate_now else None
         job_started = time.perf_counter()
         stages, spent = _run(config, round_index, source, classifier, student, teacher, judge, limits)
         job_s = time.perf_counter() - job_started
@@ -140,8 +143,35 @@ def _source(config: RunConfig, round_index: int) -> tuple[store.Location, int]:
     return first, manifest["rows_out"]
 
 
+def needs_teacher(config: RunConfig, round_index: int, source: store.Location) -> bool:
+    """Whether scoring may call the teacher: to label the classifier's sample, to relabel unsure rows, or to
+    answer a row the pool has no reference answer for (or every row, when references are not kept). The rows
+    without one are counted from the Parquet footers' null counts; a file without statistics counts as having
+    some."""
+    labels_sample = (round_index == 0 and not config.classifier.labels_path
+                     and not classifier_location(config).child("config.json").exists())
+    if labels_sample or config.classifier.teacher_relabels_low_confidence:
+        return True
+    if not config.curriculum.keep_reference_outputs:
+        return True
+    return any(_null_counts(source, "output"))
+
+
+def _null_counts(location: store.Location, column: str) -> Iterator[Optional[int]]:
+    """Each row group's null count of `column` in the Parquet files under `location` (None: no statistics)."""
+    import pyarrow.parquet as pq
+
+    for path in location.list_files(".parquet"):
+        metadata = pq.ParquetFile(path, filesystem=location.fs).metadata
+        index = metadata.schema.to_arrow_schema().get_field_index(column)
+        for group in range(metadata.num_row_groups):
+            statistics = metadata.row_group(group).column(index).statistics
+            yield statistics.null_count if statistics is not None and statistics.has_null_count else None
+
+
 def _run(config: RunConfig, round_index: int, source: store.Location, classifier: Optional[Model],
-         student: Model, teacher: OpenEndpoint, judge: OpenEndpoint, limits) -> tuple[list[dict], dict]:
+         student: Model, teacher: Optional[OpenEndpoint], judge: Optional[OpenEndpoint],
+         limits) -> tuple[list[dict], dict]:
     """The streaming job (and hybrid's band job); returns the time of each stage and the API usage of this
     invocation."""
     from pipeline.stages.answer_loss import answer_losses
@@ -157,11 +187,12 @@ def _run(config: RunConfig, round_index: int, source: store.Location, classifier
             dataset = classified(dataset, config, classifier, teacher)
         if by_judge:
             dataset = generate(dataset, student, config.student)
-        dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring,
-                           config.curriculum.keep_reference_outputs, carried)
+        # without a teacher (needs_teacher) every row keeps its reference and the stage makes no call
+        dataset = answered(dataset, config.teacher, teacher.base_url if teacher else None, config.teacher.served_model,
+                           limits, config.scoring, config.curriculum.keep_reference_outputs, carried)
         if by_judge:
             return judged(dataset, config.effective_judge, judge.base_url, judge.model, limits, config.scoring,
-                          carried, teacher.model)
+                          carried, config.teacher.served_model)
         # IFD: the student's loss on the teacher's answer with and without the instruction; no generation
         return answer_losses(dataset, student, config.student, "teacher_response", True,
                              config.training.system_prompt)

@@ -1,7 +1,9 @@
 """The teacher/judge client against a real HTTP server on loopback that behaves like a paid API."""
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import time
 
 import pytest
@@ -19,7 +21,8 @@ from pipeline.llm.client import (
     parse_retry_after,
 )
 from pipeline.llm.emulated_api import EmulatedAPI, Faults
-from pipeline.llm.secret import Secret
+from pipeline.llm.endpoint import RunEndpoints
+from pipeline.llm.secret import MissingSecretError, Secret
 from pipeline.llm.shared_limits import endpoint_key, local_limits
 
 KEY = "sk-test-0123456789abcdef"
@@ -266,3 +269,23 @@ def test_the_client_does_not_burst_into_a_servers_slices_and_paces_itself_once_t
     # the slow start's second slice (or third, when it straddled two of the server's) drew them; after that the
     # client went at the server's pace (going on doubling, or bursting after each pause, draws dozens)
     assert books.paced and 0 < api.stats.rate_limited <= 6
+
+
+def test_run_endpoints_check_a_remote_key_at_once_and_start_no_local_teacher_before_a_stage_asks(monkeypatch):
+    monkeypatch.delenv("TAPIR_TEST_REMOTE_KEY", raising=False)
+    remote = EndpointConfig(kind="remote", base_url="http://127.0.0.1:9/v1", model="judge",
+                            api_key_env="TAPIR_TEST_REMOTE_KEY")
+    local = EndpointConfig(kind="local", api_key_env="TAPIR_TEST_LOCAL_KEY")
+    monkeypatch.delenv("TAPIR_TEST_LOCAL_KEY", raising=False)
+    with contextlib.ExitStack() as stack:
+        with pytest.raises(MissingSecretError, match=r"judge API key is missing: set the environment variable "
+                                                     r"\$TAPIR_TEST_REMOTE_KEY"):
+            RunEndpoints(local, remote, "/nonexistent-cache", stack)
+        monkeypatch.setenv("TAPIR_TEST_REMOTE_KEY", "remote-key")
+        endpoints = RunEndpoints(local, remote, "/nonexistent-cache", stack)
+        # the local teacher's key is drawn now, for the workers Ray starts next; its server is not started
+        # (its model is not even looked up in the cache, which does not exist)
+        drawn = os.environ["TAPIR_TEST_LOCAL_KEY"]
+        assert len(drawn) >= 32 and endpoints._open == {}
+        assert endpoints.judge().api_key.reveal() == "remote-key"
+        os.environ.pop("TAPIR_TEST_LOCAL_KEY")

@@ -200,7 +200,8 @@ def scored_round(tmp_path, mfd: list, statuses: list, **curriculum) -> RunConfig
     n = len(mfd)
     scored = pa.table({
         "id": [f"r{i:02d}" for i in range(n)], "instruction": [f"Question {i}?" for i in range(n)],
-        "input": [""] * n, "task": ["Math"] * n, "mfd": pa.array(mfd, pa.float32()), "status": statuses,
+        "input": [""] * n, "output": [f"Answer {i}." for i in range(n)], "task": ["Math"] * n,
+        "mfd": pa.array(mfd, pa.float32()), "status": statuses,
         "error": pa.nulls(n, pa.string())})
     store.write_parquet(score_location(config, 0), "part-0.parquet", scored)
     write_verdicts(config, 0, verdicts(config, scored))
@@ -259,7 +260,8 @@ def ifd_scored(tmp_path, ifd: list, difficulty: str, **curriculum) -> tuple[RunC
     teacher_ok = [value is not None for value in ifd]
     return config, pa.table({
         "id": [f"r{i:02d}" for i in range(n)], "instruction": [f"Question {i}?" for i in range(n)],
-        "input": [""] * n, "task": ["Math"] * n, "ifd": pa.array(ifd, pa.float32()),
+        "input": [""] * n, "output": [f"Answer {i}." for i in range(n)], "task": ["Math"] * n,
+        "ifd": pa.array(ifd, pa.float32()),
         "teacher_status": ["ok" if ok else "timeout" for ok in teacher_ok],
         "teacher_error": [None if ok else "no answer in 60 s" for ok in teacher_ok],
         "answer_status": ["ok" if ok else "no_answer" for ok in teacher_ok],

@@ -28,7 +28,7 @@ def _run(tmp_path, trained: dict[int, int]) -> RunConfig:
     score.mkdir(parents=True)
     pq.write_table(pa.table({
         "id": [f"r{i:02d}" for i in range(POOL_ROWS)], "instruction": [f"Do task {i}." for i in range(POOL_ROWS)],
-        "input": [""] * POOL_ROWS, "task": ["Math" if i % 3 == 0 else "Writing" for i in range(POOL_ROWS)],
+        "input": [""] * POOL_ROWS, "output": [f"Answer {i}." for i in range(POOL_ROWS)], "task": ["Math" if i % 3 == 0 else "Writing" for i in range(POOL_ROWS)],
         "mfd": [float(i % 5) for i in range(POOL_ROWS)]}), score / "part-0.parquet")
     rounds = {str(r): {"finished": ["score", "plan", "expand", "respond", "train_set", "train"],
                        "summaries": {"train_set": {"rows": rows}}} for r, rows in trained.items()}
@@ -46,7 +46,9 @@ def test_the_baseline_trains_on_as_many_random_pool_rows_as_the_rounds_did_toget
     # 30 pool rows for 34 places: every row once, four of them twice; no difficulty in the choice
     assert len(plan) == POOL_ROWS and sorted(row["copies"] for row in plan).count(2) == 4
     assert {row["difficulty"] for row in plan} == {None}
-    assert all(row["instruction"] == f"Do task {int(row['id'][1:])}." and row["task"] for row in plan)
+    # with its reference answer, for respond.pool_answers 'reference': the same answers as the run's rounds
+    assert all(row["instruction"] == f"Do task {int(row['id'][1:])}." and row["output"] == f"Answer {int(row['id'][1:])}."
+               and row["task"] for row in plan)
     assert (tmp_path / "run" / "baseline" / "round_0" / "plan" / "plan.parquet").exists()
     assert plan_baseline(config, 34)["skipped"]
     with pytest.raises(EvalError, match="planned with 34 rows, the run's rounds now trained on 40; delete"):
@@ -113,3 +115,21 @@ def test_the_comparison_reads_as_points_with_each_model_against_the_baseline():
     assert "1.4200 ± 0.0400" in lines[3] and lines[3].split()[-2:] == ["n/a", "40"]
     assert "-0.0400 ± 0.0007" in lines[4] and lines[4].split()[-1] == "38"
     assert "held-out rows overlapping the pool, dropped before evaluation: 3" in text
+
+
+def test_the_runs_held_out_check_says_whether_the_student_moved_beyond_twice_its_standard_error():
+    from pipeline.evaluation.heldout_loss import format_heldout, verdict
+
+    assert verdict(-0.05, 0.01).startswith("lower: the student moved toward the references (5.0 standard errors)")
+    assert verdict(0.05, 0.01).startswith("higher: the student moved away from the references")
+    assert verdict(-0.015, 0.01) == verdict(0.0, 0.0) == "within twice its standard error: no measurable change"
+    models = [{"name": "start", "round": None, "reference_loss": 2.0, "standard_error": 0.05, "rows_scored": 3,
+               "rows_failed": {"too_long": 1}},
+              {"name": "round_1", "round": 1, "reference_loss": 1.9, "standard_error": 0.05, "rows_scored": 3,
+               "rows_failed": {"too_long": 1}}]
+    text = format_heldout({"rows": 4, "eval_file": "bundled:sample", "rows_overlapping_pool": 98,
+                           "rows_location": "runs/local/heldout_loss/input", "models": models,
+                           "difference": -0.1, "standard_error": 0.02, "rows_paired": 3})
+    assert "4 rows of bundled:sample (98 overlapping the pool dropped); the rows: runs/local/heldout_loss/input" in text
+    assert "starting student       2.0000 ± 0.0500 nats/token over 3 rows (not measured: too_long: 1)" in text
+    assert "round 1's student" in text and "-0.1000 ± 0.0200 over 3 rows: lower" in text

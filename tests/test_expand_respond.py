@@ -134,7 +134,8 @@ def scored_round(tmp_path) -> RunConfig:
         "storage": {"run_dir": str(tmp_path / "run")},
         "curriculum": {"rows_per_round": 12, "mfd_threshold": 1.0, "hard_share_start": 0.5,
                        "task_targets": {"Math": 0.5, "Writing": 0.5}}})
-    rows = [{"id": f"r{i:02d}", "instruction": f"Question {i}", "input": "", "task": "Math" if i % 3 else "Writing",
+    rows = [{"id": f"r{i:02d}", "instruction": f"Question {i}", "input": "", "output": f"Reference {i}" if i % 4 else None,
+             "task": "Math" if i % 3 else "Writing",
              "mfd": [3.0, 0.0, -1.0][i % 3] if i != 7 else None, "status": "ok" if i != 7 else "judge_unparseable",
              "error": None if i != 7 else "no score in the reply"} for i in range(12)]
     store.write_parquet(store.locate(str(tmp_path / "run" / "round_0" / "score")), "part-0.parquet",
@@ -179,3 +180,37 @@ def test_the_training_set_repeats_planned_rows_adds_new_ones_and_counts_what_it_
     assert new == [{"id": "n1", "instruction": "A new one", "input": "", "output": "new answer", "task": "Writing",
                     "difficulty": "easy", "origin": "expansion", "seed_id": planned[0]["id"], "style": "style_detailed"}]
     assert all(r["output"] == f"answer {r['id']}" for r in train if r["origin"] == "pool")
+
+
+def test_with_pool_answers_reference_a_planned_row_trains_on_its_reference_and_only_the_rest_go_to_the_teacher(
+        tmp_path):
+    config = scored_round(tmp_path)
+    planning.plan(config, 0)
+    planned = planning.read_plan(config, 0)
+    new_rows = pa.Table.from_pylist([{"id": "n1", "instruction": "A new one", "input": "", "task": "Writing",
+                                      "difficulty": "easy", "seed_id": None}])
+    requests = responding.requests_table(config, 0, new_rows)
+    # the default is TAPIR's: the teacher answers every planned row again
+    assert responding.reference_answers(config, 0, requests)[1].equals(requests)
+
+    config = config.model_copy(update={"respond": RespondConfig(pool_answers="reference")})
+    kept, to_ask = responding.reference_answers(config, 0, requests)
+    with_reference = {r["id"]: r["output"] for r in planned.to_pylist() if r["output"]}
+    assert 0 < len(with_reference) < planned.num_rows            # the fixture has rows of both kinds
+    assert sorted(kept["id"].to_pylist()) == sorted(with_reference)
+    assert sorted(to_ask["id"].to_pylist()) == sorted({*planned["id"].to_pylist(), "n1"} - with_reference.keys())
+    assert all(r["respond_response"] == with_reference[r["id"]] and r["style"] == "reference"
+               and r["respond_status"] == "ok" and r["respond_prompt_tokens"] == r["respond_completion_tokens"] == 0
+               for r in kept.to_pylist())
+
+    store.write_parquet(responding.respond_location(config, 0).child("reference"), "reference.parquet", kept)
+    teacher = [{**r, "respond_response": f"teacher {r['id']}", "respond_status": "ok", "respond_finish_reason": "stop",
+                "style": "style_detailed", "respond_prompt_tokens": 9, "respond_completion_tokens": 9,
+                "respond_error": None, "respond_request_key": "k"} for r in to_ask.to_pylist()]
+    store.write_parquet(responding.respond_location(config, 0).child("answers"), "part-0.parquet",
+                        pa.Table.from_pylist(teacher))
+    summary = planning.write_training_set(config, 0, new_rows, responding.read_answers(config, 0))
+    train = pq.read_table(tmp_path / "run" / "round_0" / "train" / "part-0.parquet").to_pylist()
+    assert summary["rows"] == sum(planned["copies"].to_pylist()) + 1
+    assert all(r["output"] == with_reference.get(r["id"], f"teacher {r['id']}") for r in train)
+    assert summary["styles"]["reference"] == sum(r["copies"] for r in planned.to_pylist() if r["id"] in with_reference)

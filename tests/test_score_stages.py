@@ -14,7 +14,7 @@ from pipeline.llm.emulated_api import EmulatedAPI, Faults
 from pipeline.llm.shared_limits import local_limits
 from pipeline.pool import PoolImportError, check_shards
 from pipeline.schema import POOL_SCHEMA
-from pipeline.scoring import summarise, summary_rows
+from pipeline.scoring import needs_teacher, summarise, summary_rows
 from pipeline.stages.judge import PairJudge
 from pipeline.stages.teacher import TeacherAnswer
 
@@ -67,6 +67,30 @@ def test_teacher_keeps_reference_outputs_and_answers_only_the_rest(monkeypatch):
     assert out.column("teacher_completion_tokens").to_pylist()[1] > 0
     assert out.column("teacher_status").to_pylist() == ["ok"] * 3
     assert out.column("id").to_pylist() == ["r0", "r1", "r2"]       # rows kept, in order
+
+
+def test_a_round_whose_rows_all_keep_their_reference_needs_no_teacher(tmp_path):
+    config = RunConfig.model_validate({"storage": {"run_dir": str(tmp_path / "run")}, "curriculum": {
+        "difficulty": "ifd"}, "classifier": {"labels_path": "bundled:sample"}})
+    pool = store.locate(str(tmp_path / "pool"))
+    store.write_parquet(pool, "part-00000.parquet", pool_rows(["Paris.", "42"]))
+    assert not needs_teacher(config, 0, pool)
+    # ... and its teacher stage, given no endpoint at all, answers every row from the pool without a call
+    stage = TeacherAnswer(EndpointConfig(kind="remote", base_url="http://127.0.0.1:9/v1", model="teacher",
+                                         api_key_env=KEY_ENV), None, "teacher", None, ScoringConfig(), True)
+    out = asyncio.run(stage(pool_rows(["Paris.", "42"])))
+    assert out.column("teacher_source").to_pylist() == ["reference"] * 2 and stage._client is None
+
+    # a row without a reference (seen in one file's footer), references not kept, or labels to ask for: needed
+    store.write_parquet(pool, "part-00001.parquet", pool_rows([None, "7"]))     # as the import stores no answer
+    assert needs_teacher(config, 0, pool)
+    one_file = store.locate(str(tmp_path / "one"))
+    store.write_parquet(one_file, "part-00000.parquet", pool_rows(["Paris.", "42"]))
+    unkept = config.model_copy(update={"curriculum": config.curriculum.model_copy(
+        update={"keep_reference_outputs": False})})
+    assert needs_teacher(unkept, 0, one_file)
+    unlabelled = config.model_copy(update={"classifier": config.classifier.model_copy(update={"labels_path": None})})
+    assert needs_teacher(unlabelled, 0, one_file) and not needs_teacher(unlabelled, 1, one_file)
 
 
 def test_teacher_answers_everything_when_references_are_not_kept(monkeypatch):

@@ -35,7 +35,7 @@ from pipeline.rounds import STATE_FILE
 BASELINE = "baseline"
 BASE_STUDENT = "base_student"
 BASELINE_STYLE = "style_plain"
-_POOL_COLUMNS = ["id", "instruction", "input", "task"]
+_POOL_COLUMNS = ["id", "instruction", "input", "output", "task"]
 COMPARE_SCHEMA = pa.schema([
     ("model", pa.string()), ("round", pa.int64()), ("win_rate", pa.float64()), ("standard_error", pa.float64()),
     ("lc_win_rate", pa.float64()), ("lc_standard_error", pa.float64()), ("rows_judged", pa.int64()),
@@ -121,8 +121,8 @@ def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Option
                for r in rounds]
     summaries = {}
     with contextlib.ExitStack() as stack:
+        # before Ray starts: see rounds.run
         endpoints = endpoints or RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack)
-        endpoints.teacher(), endpoints.judge()      # before Ray starts: see rounds.run
         init_ray(config.ray, min_cpus=max(eval_cpus(config), config.training.num_workers + 3))
         baseline_training = train_baseline(config, sum(rounds.values()), endpoints)
         for name, model, round_index, _ in models:

@@ -73,7 +73,7 @@ _TASK_KEYS = ("task", "category")
 # reference_source of a result: the teacher stage's `teacher_source` as the user knows it
 _REFERENCE_SOURCES = {"reference": "file", "teacher": "teacher"}
 # the file's reference answer, whose loss under the model is the reference loss
-_REFERENCE_COLUMN = "output"
+REFERENCE_COLUMN = "output"
 _OVERLAP_FILE = "_overlap.json"
 CATEGORIES_SCHEMA = pa.schema([
     ("model", pa.string()), ("category", pa.string()), ("score", pa.float64()), ("standard_error", pa.float64()),
@@ -166,14 +166,14 @@ def winrate(config: RunConfig, model: str, eval_file: Optional[str] = None, out:
     inputs = {"model": name, "round": round_index, "model_path": model_key(model_dir), "eval_file": absolute(eval_file),
               "num_rows": num_rows, "config_hash": config_hash(config),
               # an evaluation from before the reference loss has none in its rows: it is refused, not mixed in
-              "reference_loss_of": _REFERENCE_COLUMN}
+              "reference_loss_of": REFERENCE_COLUMN}
     finished = finished_summary(location, inputs)
     if finished:
         return finished
     claim(location, inputs)
 
     started = time.perf_counter()
-    rows, quarantined, overlap = _input_rows(config, location, eval_file, num_rows)
+    rows, quarantined, overlap = input_rows(config, location, eval_file, num_rows)
     with contextlib.ExitStack() as stack:
         endpoints = endpoints or RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack)
         stages, spent = _judge(config, location, model_dir, endpoints.teacher(), endpoints.judge())
@@ -186,7 +186,7 @@ def winrate(config: RunConfig, model: str, eval_file: Optional[str] = None, out:
     return summary
 
 
-def _input_rows(config: RunConfig, location: store.Location, eval_file: str,
+def input_rows(config: RunConfig, location: store.Location, eval_file: str,
                 num_rows: int) -> tuple[pa.Table, int, dict]:
     """The rows to evaluate (written to OUT/input/ on the first invocation, read back on a resumed one), how
     many rows of the file were quarantined, and the overlap with the pool (overlap_summary)."""
@@ -221,7 +221,7 @@ def _judge(config: RunConfig, location: store.Location, model_dir: Model, teache
     def build():
         # the model's answers and its loss on the reference answers, from the same engines
         dataset = answers_and_losses(read_parquet(location.child("input")), model_dir, config.student,
-                                     _REFERENCE_COLUMN, config.training.system_prompt)
+                                     REFERENCE_COLUMN, config.training.system_prompt)
         # keep_reference_outputs: a row's own answer is its reference; the teacher answers only the others
         dataset = answered(dataset, config.teacher, teacher.base_url, teacher.model, limits, config.scoring, True,
                            carried)

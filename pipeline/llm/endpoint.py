@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +43,23 @@ def open_endpoint(endpoint: EndpointConfig, cache_dir: str, log_path: Optional[P
 
 class RunEndpoints:
     """The run's teacher and judge, each opened on first use and kept open until the stack closes, so a local
-    teacher starts once per command however many stages call it. The key goes into the environment before
-    any Ray worker starts: workers read it from there, it never travels as a task argument."""
+    teacher starts once per command however many stages call it, and not at all in a command none calls. A
+    local teacher's key is drawn here and put into the environment: make this before Ray starts, since workers
+    read the key from the environment they inherit (it never travels as a task argument), whenever the teacher
+    itself starts."""
 
     def __init__(self, teacher: EndpointConfig, judge: Optional[EndpointConfig], cache_dir: str,
                  stack: contextlib.ExitStack, log_dir: Optional[Path] = None):
         self._configs = {"teacher": teacher, "judge": judge}
         self._cache_dir, self._stack, self._log_dir = cache_dir, stack, log_dir
         self._open: dict[str, OpenEndpoint] = {}
+        for role, config in self._configs.items():
+            if config is None:
+                continue
+            if config.kind == "remote":
+                secret_from_env(config.api_key_env, role)    # a missing key stops the command now, not mid-run
+            elif not os.environ.get(config.api_key_env):
+                os.environ[config.api_key_env] = secrets.token_urlsafe(32)
 
     def teacher(self) -> OpenEndpoint:
         return self._opened("teacher")

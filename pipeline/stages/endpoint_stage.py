@@ -39,7 +39,10 @@ class EndpointStage:
         return self._client
 
     async def ask(self, requests: dict[int, ChatRequest]) -> dict[int, Union[ChatReply, RequestFailed]]:
-        """Every request at once (the client paces them); a request that fails for good is returned, not raised."""
+        """Every request at once (the client paces them); a request that fails for good is returned, not raised.
+        No request opens no client: a stage whose rows need no call may have no endpoint (scoring.needs_teacher)."""
+        if not requests:
+            return {}
         client = await self.client()
 
         async def one(request: ChatRequest) -> Union[ChatReply, RequestFailed]:

@@ -29,7 +29,7 @@ def teacher_request(row: dict, scoring: ScoringConfig) -> ChatRequest:
 class TeacherAnswer(EndpointStage):
     """Async Ray Data callable class: adds `teacher_response`, its source, usage and status to every row."""
 
-    def __init__(self, endpoint: EndpointConfig, base_url: str, model: str, limits, scoring: ScoringConfig,
+    def __init__(self, endpoint: EndpointConfig, base_url: Optional[str], model: str, limits, scoring: ScoringConfig,
                  keep_reference_outputs: bool, carried: Optional[CarriedReplies] = None):
         super().__init__(endpoint, base_url, model, limits, "teacher", carried)
         self.scoring = scoring
@@ -65,7 +65,7 @@ class TeacherAnswer(EndpointStage):
             refused_rows(replies))
 
 
-def answered(dataset, endpoint: EndpointConfig, base_url: str, model: str, limits, scoring: ScoringConfig,
+def answered(dataset, endpoint: EndpointConfig, base_url: Optional[str], model: str, limits, scoring: ScoringConfig,
              keep_reference_outputs: bool, carried: Optional[CarriedReplies] = None):
     return dataset.repartition(target_num_rows_per_block=scoring.batch_size).map_batches(
         TeacherAnswer, fn_constructor_kwargs={
