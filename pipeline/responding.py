@@ -111,7 +111,7 @@ def reused_answers(config: RunConfig, round_index: int, requests: pa.Table, mode
             to_ask.append(index)
         else:
             reused.append({**before, **row, "respond_prompt_tokens": 0, "respond_completion_tokens": 0})
-    return pa.Table.from_pylist(reused, schema=_ANSWER_SCHEMA), requests.take(to_ask)
+    return pa.Table.from_pylist(reused, schema=_ANSWER_SCHEMA), requests.take(pa.array(to_ask, pa.int64()))
 
 
 def _answer(config: RunConfig, round_index: int, teacher: OpenEndpoint) -> list[dict]:

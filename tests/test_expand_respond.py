@@ -203,6 +203,9 @@ def test_with_pool_answers_reference_a_planned_row_trains_on_its_reference_and_o
                and r["respond_status"] == "ok" and r["respond_prompt_tokens"] == r["respond_completion_tokens"] == 0
                for r in kept.to_pylist())
 
+    # nothing left for the teacher (every planned row kept its reference, no new row): nothing is asked
+    nothing = responding.reused_answers(config, 0, requests.filter(pa.array([False] * requests.num_rows)), "teacher")
+    assert nothing[0].num_rows == nothing[1].num_rows == 0
     store.write_parquet(responding.respond_location(config, 0).child("reference"), "reference.parquet", kept)
     teacher = [{**r, "respond_response": f"teacher {r['id']}", "respond_status": "ok", "respond_finish_reason": "stop",
                 "style": "style_detailed", "respond_prompt_tokens": 9, "respond_completion_tokens": 9,

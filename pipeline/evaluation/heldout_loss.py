@@ -9,7 +9,8 @@ counted, as `tapir eval` does.
 
 RUN_DIR/heldout_loss/
   heldout/          the imported file (its quarantine, and the rows dropped as overlapping in _overlap.json)
-  input/            the rows measured: the file's first eval.num_rows that do not overlap
+  input/            the rows measured: the first eval.num_rows in id order (a sample spread over the file, the
+                    same every time) of those that do not overlap
   MODEL/rows/       per model (start, round_R): each row's loss, tokens and status (answer-loss columns)
   results.parquet   one row per measured row: id, task, start's loss, the last round's loss, their difference
   _manifest.json    the summary: both means with their standard errors, the paired difference and its error
@@ -55,7 +56,7 @@ def measure(config: RunConfig, last_round: int) -> dict:
     if store.read_json(out, _INPUTS_FILE) is None:
         out.makedirs()
         store.write_json(out, _INPUTS_FILE, inputs)
-    rows, quarantined, overlap = input_rows(config, out, eval_file, num_rows)
+    rows, quarantined, overlap = input_rows(config, out, eval_file, num_rows, by_id=True)
     models = {START: (resolve_model(config.student.model, config.storage.cache_dir, config.storage.s3_endpoint_url),
                       None),
               f"round_{last_round}": (run_model(model_location(config, last_round), config.storage.cache_dir),

@@ -39,6 +39,7 @@ from collections import Counter, defaultdict
 from typing import Iterable, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import store
 from pipeline.config import PoolConfig, PriceConfig, RunConfig
@@ -186,16 +187,20 @@ def winrate(config: RunConfig, model: str, eval_file: Optional[str] = None, out:
     return summary
 
 
-def input_rows(config: RunConfig, location: store.Location, eval_file: str,
-                num_rows: int) -> tuple[pa.Table, int, dict]:
+def input_rows(config: RunConfig, location: store.Location, eval_file: str, num_rows: int,
+               by_id: bool = False) -> tuple[pa.Table, int, dict]:
     """The rows to evaluate (written to OUT/input/ on the first invocation, read back on a resumed one), how
-    many rows of the file were quarantined, and the overlap with the pool (overlap_summary)."""
+    many rows of the file were quarantined, and the overlap with the pool (overlap_summary). The file's first
+    num_rows rows that do not overlap, or with `by_id` the first in id order: a sample spread over a file whose
+    rows are grouped (by category, say), the same every time."""
     source = location.child("input")
     heldout = location.child("heldout")
     if not source.child("part-00000.parquet").exists():
         import_pool([eval_file], heldout, PoolConfig(max_row_chars=config.pool.max_row_chars), overwrite=True,
                     progress=False)
         kept, dropped = without_overlap(config, read_pool(heldout))
+        if by_id:
+            kept = kept.take(pc.sort_indices(kept, [("id", "ascending")]))
         store.write_json(heldout, _OVERLAP_FILE, {"checked": dropped is not None, "dropped": dropped or {}})
         store.write_parquet(source, "part-00000.parquet", evaluated_rows(kept, num_rows))
     manifest = store.read_json(heldout, store.MANIFEST) or {}
