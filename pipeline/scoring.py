@@ -154,7 +154,7 @@ def needs_teacher(config: RunConfig, round_index: int, source: store.Location) -
         return True
     if not config.curriculum.keep_reference_outputs:
         return True
-    return any(_null_counts(source, "output"))
+    return any(count is None or count > 0 for count in _null_counts(source, "output"))
 
 
 def _null_counts(location: store.Location, column: str) -> Iterator[Optional[int]]:

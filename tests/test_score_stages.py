@@ -91,6 +91,9 @@ def test_a_round_whose_rows_all_keep_their_reference_needs_no_teacher(tmp_path):
     assert needs_teacher(unkept, 0, one_file)
     unlabelled = config.model_copy(update={"classifier": config.classifier.model_copy(update={"labels_path": None})})
     assert needs_teacher(unlabelled, 0, one_file) and not needs_teacher(unlabelled, 1, one_file)
+    # a file whose footer has no statistics cannot say it has no null: the teacher is counted as needed
+    pq.write_table(pool_rows(["Paris.", "42"]), tmp_path / "one" / "part-00001.parquet", write_statistics=False)
+    assert needs_teacher(config, 0, one_file)
 
 
 def test_teacher_answers_everything_when_references_are_not_kept(monkeypatch):
