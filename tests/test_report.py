@@ -149,6 +149,23 @@ def test_the_reference_loss_is_plotted_beside_the_win_rate_when_compare_parquet_
     assert "reference_loss.png" in markdown and "Reference loss: each round against the baseline" in page
 
 
+def test_the_runs_held_out_check_is_on_the_page_as_the_console_said_it(tmp_path):
+    root = _write_run(tmp_path)
+    state = json.loads((root / "state.json").read_text())
+    state["heldout_loss"] = {
+        "rows": 60, "eval_file": "bundled:sample", "rows_overlapping_pool": 45, "rows_location": "run/heldout_loss/input",
+        "models": [{"name": "start", "round": None, "reference_loss": 2.399, "standard_error": 0.098, "rows_scored": 60,
+                    "rows_failed": {}},
+                   {"name": "round_1", "round": 1, "reference_loss": 2.1931, "standard_error": 0.0908,
+                    "rows_scored": 60, "rows_failed": {}}],
+        "difference": -0.206, "standard_error": 0.0184, "rows_paired": 60}
+    (root / "state.json").write_text(json.dumps(state))
+    page, markdown = _checked_report(root, RUN_PLOTS)
+    for text in (page, markdown):
+        assert "held-out reference loss: 60 rows of bundled:sample (45 overlapping the pool dropped)" in text
+        assert "-0.2060 ± 0.0184 over 60 rows: lower: the student moved toward the references" in text
+
+
 def test_an_unfinished_round_is_reported_with_the_stages_it_finished(tmp_path):
     page, markdown = _checked_report(_write_run(tmp_path, finished_rounds=1, partial_round=True), RUN_PLOTS)
     assert "status: stopped" in markdown and "stopped because: stop requested (tapir stop)" in markdown
