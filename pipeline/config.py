@@ -432,6 +432,9 @@ class EvalConfig(Section):
     num_rows: int = Field(200, gt=0, description=(
         "Rows evaluated: the file's first num_rows. ~2 judge calls per row, plus a teacher call per row "
         "without a reference; 200 gives a win rate with a standard error of about 3.5 points."))
+    baseline_seeds: int = Field(1, gt=0, description=(
+        "`tapir eval compare`: plain-distillation baselines to train, each drawn with its own seed "
+        "(curriculum.seed + k), so the baseline's own spread is seen; models are compared with their mean."))
     reference_loss_after_run: bool = Field(True, description=(
         "With held_out_path set, `tapir run` ends by measuring the starting student's and the last round's "
         "student's reference loss on the held-out rows, paired by row (RUN_DIR/heldout_loss/): one engine per "

@@ -168,10 +168,10 @@ def win_rates(models: list[dict], path: Path) -> Path:
     controlled = [(x, m["lc_win_rate"]) for x, m in zip(xs, models) if m["lc_win_rate"] is not None]
     if controlled:
         ax.scatter(*zip(*controlled), color="tab:orange", zorder=3, marker="D", label="length-controlled win rate")
-    baseline = next((m for m in models if m["model"] == "baseline"), None)
-    if baseline is not None:
-        ax.axhline(baseline["win_rate"], color="tab:red", linestyle="--", linewidth=1,
-                   label="plain-distillation baseline")
+    baselines = _baselines(models, "win_rate")
+    if baselines:
+        ax.axhline(sum(baselines) / len(baselines), color="tab:red", linestyle="--", linewidth=1,
+                   label=_baseline_label(baselines))
     ax.set_xticks(list(xs), [m["model"] for m in models])
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate against the references")
@@ -193,10 +193,10 @@ def reference_losses(models: list[dict], path: Path) -> Path:
     axes[0].bar(xs, [m["reference_loss"] for m in scored], 0.6, capsize=4, color=colors,
                 yerr=[m["reference_loss_standard_error"] or 0.0 for m in scored],
                 label="mean loss ± standard error (gray: not a round's student)")
-    baseline = next((m for m in scored if m["model"] == "baseline"), None)
-    if baseline is not None:
-        axes[0].axhline(baseline["reference_loss"], color="tab:red", linestyle="--", linewidth=1,
-                        label="plain-distillation baseline")
+    baselines = _baselines(scored, "reference_loss")
+    if baselines:
+        axes[0].axhline(sum(baselines) / len(baselines), color="tab:red", linestyle="--", linewidth=1,
+                        label=_baseline_label(baselines))
     axes[0].set_ylabel("nats per token of the references")
     axes[0].set_title("Reference loss per model")
     axes[0].legend(fontsize=8, loc="lower left")
@@ -212,6 +212,16 @@ def reference_losses(models: list[dict], path: Path) -> Path:
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def _baselines(models: list[dict], column: str) -> list[float]:
+    """`column` of each plain-distillation baseline (eval compare names them baseline, baseline_1, …)."""
+    return [m[column] for m in models if m["round"] is None and (m["model"] == "baseline"
+                                                                 or m["model"].startswith("baseline_"))]
+
+
+def _baseline_label(values: list[float]) -> str:
+    return "plain-distillation baseline" + (f" (mean of {len(values)} seeds)" if len(values) > 1 else "")
 
 
 def category_scores(scores: dict[str, dict[str, float]], path: Path) -> Path:

@@ -11,8 +11,10 @@ from pipeline.evaluation.compare import (
     BASELINE_STYLE,
     COMPARE_SCHEMA,
     baseline_config,
+    baseline_name,
     format_compare,
     plan_baseline,
+    row_means,
     trained_rounds,
 )
 from pipeline.evaluation.eval_dir import EvalError
@@ -61,6 +63,26 @@ def test_a_smaller_baseline_draws_distinct_rows_the_same_way_each_time(tmp_path)
     plan = read_plan(baseline_config(config), 0).to_pylist()
     assert len(plan) == 12 and {row["copies"] for row in plan} == {1}
     assert [row["id"] for row in plan] != [f"r{i:02d}" for i in range(12)]      # drawn, not the first rows
+
+
+def test_each_baseline_seed_draws_its_own_rows_into_its_own_directory(tmp_path):
+    config = _run(tmp_path, {0: 12})
+    plans = []
+    for k in range(3):
+        plan_baseline(config, 12, k)
+        plans.append(sorted(row["id"] for row in read_plan(baseline_config(config, k), 0).to_pylist()))
+    assert len({tuple(plan) for plan in plans}) == 3                  # three draws, not one thrice
+    assert [baseline_name(k) for k in range(3)] == ["baseline", "baseline_1", "baseline_2"]
+    assert all((tmp_path / "run" / name / "round_0" / "plan" / "plan.parquet").exists()
+               for name in ("baseline", "baseline_1", "baseline_2"))
+    # the first is the one a single-baseline comparison has always drawn
+    assert baseline_config(config, 0).curriculum.seed == config.curriculum.seed
+    assert plans[0] == sorted(row["id"] for row in read_plan(baseline_config(config), 0).to_pylist())
+
+
+def test_several_baselines_are_compared_through_their_mean_on_each_row():
+    assert row_means([{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 4.0, "c": 9.0}]) == {"a": 2.0, "b": 3.0}
+    assert row_means([{"a": 1.0}]) == {"a": 1.0} and row_means([]) == {}
 
 
 def test_the_baseline_teacher_answers_every_task_with_one_plain_prompt(tmp_path):

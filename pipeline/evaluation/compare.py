@@ -5,10 +5,14 @@ references (the file's answers, else the teacher's): the student the run started
 student, and a plain-distillation baseline. The baseline is trained here once, into RUN_DIR/baseline/, from
 the student the run started from: as many training rows as the run's rounds trained on together, drawn at
 random from the scored pool (no difficulty, no task resampling, no expansion), answered by the same teacher
-with one plain system prompt for every task (no task-aware style), and trained with the same training
-settings. Each model's difference to the baseline is paired by row, which takes the rows' own difficulty out
-of its standard error: in win rate, and in reference loss (the model's mean loss per token on the file's
-reference answers; lower: closer to the references), which a judge that calls most pairs ties cannot hide.
+with one plain system prompt for every task (no task-aware style; with respond.pool_answers 'reference', the
+same reference answers as the rounds), and trained with the same training settings. With eval.baseline_seeds
+above 1 there are that many baselines, each drawn with its own seed (curriculum.seed + k, in
+RUN_DIR/baseline_K/), so the spread of plain distillation itself is seen; each is a row of the table. Each
+model's difference to the baseline is paired by row, against the baselines' mean on that row, which takes the
+rows' own difficulty out of its standard error: in win rate, and in reference loss (the model's mean loss per
+token on the file's reference answers; lower: closer to the references), which a judge that calls most pairs
+ties cannot hide.
 
 Writes RUN_DIR/eval/compare.parquet (one row per model) and RUN_DIR/eval/categories.parquet, which the run's
 report plots, then the report. Every step is skipped when it finished before, so the same command continues
@@ -47,12 +51,20 @@ COMPARE_SCHEMA = pa.schema([
     ("rows_overlapping_pool", pa.int64())])
 
 
-def baseline_config(config: RunConfig) -> RunConfig:
-    """The baseline as a one-round run of its own in RUN_DIR/baseline/: its plan, answers, training set and
-    model sit where a round's would, so the respond, training-set and training steps run unchanged."""
-    storage = config.storage.model_copy(update={"run_dir": config.storage.run_dir.rstrip("/") + "/" + BASELINE})
+def baseline_name(seed_index: int) -> str:
+    """The k-th baseline's name: 'baseline', then 'baseline_1', 'baseline_2', …"""
+    return BASELINE if seed_index == 0 else f"{BASELINE}_{seed_index}"
+
+
+def baseline_config(config: RunConfig, seed_index: int = 0) -> RunConfig:
+    """The k-th baseline as a one-round run of its own in RUN_DIR/NAME/ (baseline_name), drawn with seed
+    curriculum.seed + k: its plan, answers, training set and model sit where a round's would, so the respond,
+    training-set and training steps run unchanged."""
+    storage = config.storage.model_copy(update={
+        "run_dir": config.storage.run_dir.rstrip("/") + "/" + baseline_name(seed_index)})
     respond = config.respond.model_copy(update={"styles": {}, "default_style": BASELINE_STYLE})
-    return config.model_copy(update={"storage": storage, "respond": respond})
+    curriculum = config.curriculum.model_copy(update={"seed": config.curriculum.seed + seed_index})
+    return config.model_copy(update={"storage": storage, "respond": respond, "curriculum": curriculum})
 
 
 def trained_rounds(config: RunConfig) -> dict[int, int]:
@@ -67,10 +79,11 @@ def trained_rounds(config: RunConfig) -> dict[int, int]:
     return dict(sorted(rounds.items()))
 
 
-def plan_baseline(config: RunConfig, size: int) -> dict:
-    """RUN_DIR/baseline/round_0/plan/: `size` rows of round 0's scored pool, drawn at random (the pool as the
-    run saw it, each row with its task). A baseline planned for another size is refused, not mixed."""
-    baseline = baseline_config(config)
+def plan_baseline(config: RunConfig, size: int, seed_index: int = 0) -> dict:
+    """RUN_DIR/NAME/round_0/plan/: `size` rows of round 0's scored pool, drawn at random with the k-th baseline's
+    seed (the pool as the run saw it, each row with its task). A baseline planned for another size is refused,
+    not mixed."""
+    baseline = baseline_config(config, seed_index)
     out = planning.plan_location(baseline, 0)
     planned = store.read_json(out, store.MANIFEST)
     if planned and planned.get("complete"):
@@ -82,7 +95,7 @@ def plan_baseline(config: RunConfig, size: int) -> dict:
 
     scored = store.read_table(score_location(config, 0), _POOL_COLUMNS)
     scored = scored.take(pc.sort_indices(scored, [("id", "ascending")]))     # not Ray's write order
-    copies = baseline_copies(scored.num_rows, size, config.curriculum.seed)
+    copies = baseline_copies(scored.num_rows, size, baseline.curriculum.seed)
     chosen = sorted(copies)
     table = scored.take(chosen)
     table = table.append_column("difficulty", pa.nulls(len(chosen), pa.string()))
@@ -94,12 +107,12 @@ def plan_baseline(config: RunConfig, size: int) -> dict:
     return summary
 
 
-def train_baseline(config: RunConfig, size: int, endpoints: RunEndpoints) -> dict:
-    """Plans, answers and trains the baseline; returns its training summary."""
+def train_baseline(config: RunConfig, size: int, endpoints: RunEndpoints, seed_index: int = 0) -> dict:
+    """Plans, answers and trains the k-th baseline; returns its training summary."""
     from training import sft
 
-    baseline = baseline_config(config)
-    plan_baseline(config, size)
+    baseline = baseline_config(config, seed_index)
+    plan_baseline(config, size, seed_index)
     responding.respond(baseline, 0, None, endpoints)
     planning.write_training_set(baseline, 0, None, responding.read_answers(baseline, 0))
     return sft.train(baseline, 0, "the evaluation loads it in vLLM")
@@ -115,8 +128,10 @@ def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Option
     if not eval_file:
         raise EvalError("no held-out file: pass --eval FILE or set eval.held_out_path in the config")
     rounds = trained_rounds(config)
-    models = [(BASE_STUDENT, config.student.model, None, 0),
-              (BASELINE, model_location(baseline_config(config), 0).uri, None, sum(rounds.values()))]
+    baselines = [baseline_name(k) for k in range(config.eval.baseline_seeds)]
+    models = [(BASE_STUDENT, config.student.model, None, 0)]
+    models += [(name, model_location(baseline_config(config, k), 0).uri, None, sum(rounds.values()))
+               for k, name in enumerate(baselines)]
     models += [(f"round_{r}", model_location(config, r).uri, r, sum(rows for q, rows in rounds.items() if q <= r))
                for r in rounds]
     summaries = {}
@@ -124,7 +139,8 @@ def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Option
         # before Ray starts: see rounds.run
         endpoints = endpoints or RunEndpoints(config.teacher, config.judge, config.storage.cache_dir, stack)
         init_ray(config.ray, min_cpus=max(eval_cpus(config), config.training.num_workers + 3))
-        baseline_training = train_baseline(config, sum(rounds.values()), endpoints)
+        baseline_training = [train_baseline(config, sum(rounds.values()), endpoints, k)
+                             for k in range(len(baselines))]
         for name, model, round_index, _ in models:
             summaries[name] = winrate(config, model, eval_file, num_rows=num_rows, name=name,
                                       round_index=round_index, endpoints=endpoints)
@@ -134,11 +150,13 @@ def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Option
     preferences, losses = {}, {}
     for name in summaries:
         preferences[name], losses[name] = per_row_results(eval_location(config, name))
+    baseline_preferences = row_means([preferences[name] for name in baselines])
+    baseline_losses = row_means([losses[name] for name in baselines])
     rows = []
     for name, _, round_index, trained in models:
         summary = summaries[name]
-        paired = paired_difference(preferences[name], preferences[BASELINE]) if name != BASELINE else None
-        loss_paired = paired_difference(losses[name], losses[BASELINE]) if name != BASELINE else None
+        paired = paired_difference(preferences[name], baseline_preferences) if name not in baselines else None
+        loss_paired = paired_difference(losses[name], baseline_losses) if name not in baselines else None
         rows.append({"model": name, "round": round_index, "win_rate": summary["win_rate"],
                      "standard_error": summary["standard_error"], "lc_win_rate": summary["lc_win_rate"],
                      "lc_standard_error": summary["lc_standard_error"], "rows_judged": summary["rows_judged"],
@@ -158,9 +176,15 @@ def compare(config: RunConfig, eval_file: Optional[str] = None, num_rows: Option
     categories = [store.read_parquet_file(eval_location(config, name), CATEGORIES_FILE)
                   for name in summaries]
     store.write_parquet(out, CATEGORIES_FILE, pa.concat_tables(categories))
-    store.write_json(out, "_compare.json", {"eval_file": eval_file, "baseline_training": {
-        key: baseline_training.get(key) for key in ("steps", "data", "training", "wall_s")}})
+    store.write_json(out, "_compare.json", {"eval_file": eval_file, "baselines": baselines, "baseline_training": [
+        {key: training.get(key) for key in ("steps", "data", "training", "wall_s")} for training in baseline_training]})
     return table
+
+
+def row_means(per_model: list[dict[str, float]]) -> dict[str, float]:
+    """Row id → the mean of the models' values on it, over the rows every model has a value for."""
+    shared = set.intersection(*(set(values) for values in per_model)) if per_model else set()
+    return {row: sum(values[row] for values in per_model) / len(per_model) for row in shared}
 
 
 def per_row_results(location: store.Location) -> tuple[dict[str, float], dict[str, float]]:
@@ -200,7 +224,8 @@ def format_compare(table: pa.Table) -> str:
                      f"{_loss(row['loss_difference_to_baseline'], row['loss_difference_standard_error'], True):>18} "
                      f"{row['reference_loss_rows']:>7}")
     lines.append("win rates in points against the same references (ties half); vs baseline: the paired "
-                 "difference over the rows both were judged on, ± its standard error")
+                 "difference over the rows both were judged on, ± its standard error (with several baselines, "
+                 "against their mean on each row)")
     lines.append("reference loss: mean nats per token of the file's reference answers under each model (lower: "
                  "closer to them); loss vs baseline: paired over the rows both were scored on, ± its standard error")
     overlapping = {row["rows_overlapping_pool"] for row in table.to_pylist()}
