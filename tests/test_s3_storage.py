@@ -1,6 +1,6 @@
 """The commands and model loading of a run directory on s3://, against a real S3 API on loopback (moto's
 server): a pool imported there, `tapir stop` and `tapir report` on it, and a model stored there loaded by
-transformers from its copy in the local cache. The whole run on s3 is tests/test_s3_run.py (slow)."""
+transformers from its copy in the local cache. The whole run on s3 is tests/test_cluster_run.py (slow): a submitted run whose run directory is a bucket."""
 import json
 import subprocess
 import sys

@@ -2,7 +2,7 @@
 
 Training itself (Ray Train + DeepSpeed ZeRO-2, killed with SIGKILL after a checkpoint and resumed at its step, the
 model exported whole and answered by vLLM) is proven by round 1 of the killed run in tests/test_run.py; ZeRO-3 on
-two workers by the s3 round in tests/test_s3_run.py; gradient checkpointing by tests/test_local_run.py."""
+two workers by the submitted run on s3 in tests/test_cluster_run.py; gradient checkpointing by tests/test_local_run.py."""
 import json
 import subprocess
 import sys
