@@ -48,7 +48,8 @@ def _start_local_ray(num_cpus: int, namespace: str) -> None:
     Ray instances" beside another run or a test's Ray, and could ask another instance's dashboard about this
     run's actors. So the GCS gets a port chosen here, every worker gets it in RAY_ADDRESS, and the dashboard
     address the cluster records is a free port of its own (no dashboard runs: the state API then answers
-    "unavailable", which the cleaner waits out)."""
+    "unavailable", which the cleaner waits out). `address="local"`: with no address Ray joins the cluster a
+    `ray start` on this machine left in its address file, and refuses the num_cpus given here."""
     import ray
 
     gcs_port, dashboard_port = _free_port(), _free_port()
@@ -56,8 +57,8 @@ def _start_local_ray(num_cpus: int, namespace: str) -> None:
     previous = os.environ.get(_GCS_PORT_VARIABLE)
     os.environ[_GCS_PORT_VARIABLE] = str(gcs_port)
     try:
-        ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False, dashboard_port=dashboard_port,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+        ray.init(address="local", num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
+                 dashboard_port=dashboard_port, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
     finally:
         if previous is None:
             os.environ.pop(_GCS_PORT_VARIABLE)

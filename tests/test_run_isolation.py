@@ -3,8 +3,10 @@ directory's full URI, not by its last component; each run's Ray processes find t
 one machine both finish."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,21 +45,30 @@ init_ray(RayConfig(num_cpus=1))
 found = ray.get(ray.remote(num_cpus=0)(lambda: ray._private.services.canonicalize_bootstrap_address_or_die(None)).remote())
 print("OWN" if found == ray.get_runtime_context().gcs_address else f"OTHER {found}")
 """
+OTHER_RAY_SCRIPT = ("import ray, sys; ray.init(num_cpus=1, include_dashboard=False); "
+                    "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()")
 
 
 def test_a_runs_ray_processes_find_their_own_cluster_beside_another_ray_instance():
-    """Beside another Ray instance, Ray Train's cleaner failed with "Found multiple active Ray instances"."""
-    other = subprocess.Popen([sys.executable, "-c", "import ray, sys; ray.init(num_cpus=1, include_dashboard=False); "
-                              "print('up', flush=True); sys.stdin.read()"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    """Beside another Ray instance, Ray Train's cleaner failed with "Found multiple active Ray instances"; and
+    a local run joined the cluster a `ray start` had left in Ray's address file, which refused its num_cpus."""
+    temp = tempfile.mkdtemp(prefix="tapir-ray-")        # short: Ray's socket paths live in it
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": temp}
+    other = subprocess.Popen([sys.executable, "-c", OTHER_RAY_SCRIPT], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
     try:
-        assert other.stdout.readline().strip() == "up"
+        other_address = other.stdout.readline().strip()
+        assert other_address
+        # what `ray start` leaves: the address a Ray started with no address joins
+        Path(temp, "ray").mkdir(exist_ok=True)
+        Path(temp, "ray", "ray_current_cluster").write_text(other_address)
         own = subprocess.run([sys.executable, "-c", OWN_CLUSTER_SCRIPT], capture_output=True, text=True,
-                             timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+                             timeout=300, env=env)
         assert own.stdout.strip().splitlines()[-1:] == ["OWN"], own.stdout + own.stderr[-3000:]
     finally:
         other.stdin.close()
         other.wait(timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow

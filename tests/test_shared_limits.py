@@ -40,7 +40,8 @@ class Worker:
 @pytest.fixture(scope="module")
 def ray_cluster():
     os.environ[KEY_ENV] = "sk-shared-limit-test"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # "local": never the cluster a `ray start` left in Ray's address file (test_cluster_run's, run beside)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
