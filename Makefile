@@ -34,12 +34,11 @@ demo: install
 
 # --durations=25: the slowest tests on every run, so a slow creep shows in the next log, not at CI's limit
 # ruff first: an unused import or an undefined name fails in a second, not after the suite's half hour
-# -n: the suite's files on TEST_WORKERS processes, in the order tests/conftest.py gives them (xdist would put
-# the files with the most tests first); one process alone leaves a third of 2 cores idle (tests/README.md)
+# -n: the suite's files on TEST_WORKERS processes; one alone leaves a third of 2 cores idle (tests/README.md)
 TEST_WORKERS ?= 2
 test: install browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/ruff check .
