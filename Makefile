@@ -34,11 +34,9 @@ demo: install
 
 # --durations=25: the slowest tests on every run, so a slow creep shows in the next log, not at CI's limit
 # ruff first: an unused import or an undefined name fails in a second, not after the suite's half hour
-# -n: the suite's files on TEST_WORKERS processes; one alone leaves a third of 2 cores idle (tests/README.md)
-TEST_WORKERS ?= 2
 test: install browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/ruff check .

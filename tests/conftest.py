@@ -61,23 +61,3 @@ def assert_no_file_holds(directory: Path, secret: str) -> None:
     for path in directory.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
-
-
-# `make test` runs the files on two workers (pytest-xdist, --dist loadfile: a file's tests stay together, in
-# order, with their module fixtures). The longest files start first, then the other slow ones, and the fast files
-# fill the end; otherwise the alphabetical order leaves the longest, test_run.py, running alone at the end.
-LONGEST_FILES = ("test_run.py", "test_cluster_run.py", "test_local_run.py")
-
-
-def pytest_collection_modifyitems(items) -> None:
-    def rank(item) -> int:
-        name = item.path.name
-        if name in LONGEST_FILES:
-            return LONGEST_FILES.index(name)
-        return len(LONGEST_FILES) + (0 if item.get_closest_marker("slow") else 1)
-
-    file_rank: dict = {}
-    for item in items:
-        file_rank[item.path] = min(file_rank.get(item.path, rank(item)), rank(item))
-    order = {id(item): index for index, item in enumerate(items)}
-    items.sort(key=lambda item: (file_rank[item.path], order[id(item)]))
