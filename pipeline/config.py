@@ -415,7 +415,8 @@ class TrainingConfig(Section):
     use_gpu: bool = False
     system_prompt: Optional[str] = Field(None, description="Without one, the chat template's own default.")
     checkpoint_every_steps: int = Field(50, gt=0, description=(
-        "Optimizer steps between checkpoints (one is also taken at the end); a killed run resumes there."))
+        "Optimizer steps between checkpoints; a killed run resumes at the latest. None after the last step: "
+        "the exported model is what a finished round keeps."))
     eval_fraction: float = Field(0.02, ge=0, lt=1, description=(
         "Share of the training rows held out to measure loss and perplexity before and after each epoch."))
     eval_max_rows: int = Field(200, ge=0)

@@ -82,8 +82,8 @@ def call_stage(prompt: str) -> str:
 
 
 # gradient checkpointing (the default) recomputes each forward: a third more compute per step, which a 135M model on
-# a few short rows does not need; test_local_run keeps it on. A checkpoint only at the end (the default's 50 steps
-# are more than a round has): the killed run asks for one every 2 steps only where it kills its training.
+# a few short rows does not need; test_local_run keeps it on. No checkpoint (the default's 50 steps are more than a
+# round has): the killed run asks for one every 2 steps only where it kills its training.
 TRAINING = {"epochs": 1, "effective_batch_size": 2, "micro_batch_size": 1, "max_len": 128, "eval_fraction": 0.2,
             "gradient_checkpointing": False}
 
@@ -181,7 +181,7 @@ def killed_run(tmp_path_factory, shared_data, prepared_student):
 
         resumed = tapir("run", str(config), env=env)
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-        write_config(tmp_path, pool, api, cache)        # and back: compare's baseline checkpoints at its end
+        write_config(tmp_path, pool, api, cache)        # and back: compare's baseline takes no checkpoint
         yield KilledRun(api, config, env, run, state_at_kill, calls_at_kill, steps_at_training_kill,
                         Counter(api.stats.answered_prompts), resumed)
 

@@ -1,10 +1,11 @@
 """The Ray Train worker of `tapir train`: DeepSpeed ZeRO over the student, fed by its dataset shard.
 
 One code path for GPU (NCCL, bf16) and CPU (gloo, fp32). Every rank saves its part of a DeepSpeed
-checkpoint and reports it to Ray Train, which merges them; a re-run of the command finds the latest one
-with `ray.train.get_checkpoint()` and continues from its step: the epoch and the micro-batches of it
-already trained follow from the step (StepPlan.position), so no epoch starts over. At the end the weights
-are gathered (ZeRO-3 included) and rank 0 writes a safetensors model with the tokenizer.
+checkpoint every `checkpoint_every_steps` steps before the last and reports it to Ray Train, which merges
+them; a re-run of the command finds the latest one with `ray.train.get_checkpoint()` and continues from its
+step: the epoch and the micro-batches of it already trained follow from the step (StepPlan.position), so no
+epoch starts over. At the end the weights are gathered (ZeRO-3 included) and rank 0 writes a safetensors model
+with the tokenizer; a run killed after its last step redoes the steps since its latest checkpoint.
 """
 from __future__ import annotations
 
@@ -123,7 +124,9 @@ def train_loop_per_worker(config: dict) -> None:
                       "lr": scheduler.get_last_lr()[0], **window.close()}
             if logs:
                 logs.step(record, steps.total_steps)
-            if global_step % training.checkpoint_every_steps == 0 or global_step == steps.total_steps:
+            # none after the last step: the exported model is what a finished round keeps, and its checkpoint
+            # (the optimizer's state too: ~16 bytes a parameter) would be written only to be deleted
+            if global_step % training.checkpoint_every_steps == 0 and global_step < steps.total_steps:
                 with window.paused():
                     _checkpoint(engine, global_step, plan.config_hash, logs)
         if eval_shard is not None:
